@@ -1,0 +1,370 @@
+"""Typed run configuration: YAML file + ``section.key=value`` overrides -> :class:`Config`.
+
+One group per concern (``model``, ``moe``, ``erc``, ``parallel``, ``data``, ``tokenizer``, ``training``,
+``optimizer``, ``logging``, ``checkpoint``). MoE option names follow Megatron-LM's flags so a Megatron
+user can read a config without a dictionary. Everything is validated here, before any process group
+starts; :mod:`moe_erc.megatron_configs` translates the result into megatron-core's config objects.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from moe_erc.errors import ConfigError
+
+
+class _Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Group):
+    """Transformer shape. MoE layers replace the dense MLP where ``moe_layer_freq`` says so."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None  # dense MLP width; default 4 * hidden_size
+    seq_length: int = 256
+    max_position_embeddings: Optional[int] = None  # default seq_length
+    position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
+    rotary_base: int = 10000
+    normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    swiglu: bool = True
+    add_bias_linear: bool = False
+    qk_layernorm: bool = False
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    untie_embeddings_and_output_weights: bool = True
+    make_vocab_size_divisible_by: int = 128
+    # 1 = every layer is MoE; k = every k-th layer; a list of 0/1 per layer (Megatron-LM semantics).
+    moe_layer_freq: Union[int, list[int]] = 1
+
+
+class MoEConfig(_Group):
+    """Routing and experts (names after Megatron-LM's ``--num-experts``, ``--moe-*`` flags)."""
+
+    num_experts: int = 8
+    moe_router_topk: int = 2
+    moe_ffn_hidden_size: Optional[int] = None  # default ffn_hidden_size
+    router: Literal["topk", "aoe", "kmeans"] = "topk"
+    moe_router_load_balancing_type: Literal["aux_loss", "seq_aux_loss", "global_aux_loss", "none"] = "aux_loss"
+    moe_aux_loss_coeff: float = 0.01
+    moe_z_loss_coeff: Optional[float] = None
+    moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
+    moe_router_pre_softmax: bool = False
+    moe_router_enable_expert_bias: bool = False
+    moe_router_bias_update_rate: float = 1e-3
+    moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
+    moe_grouped_gemm: bool = False
+    moe_expert_capacity_factor: Optional[float] = None
+    moe_router_dtype: Optional[Literal["fp32", "fp64"]] = "fp32"
+
+
+class ERCConfig(_Group):
+    """Expert-router coupling loss (SPEC §1)."""
+
+    enabled: bool = False
+    alpha: float = 1.0
+    coeff: float = 1.0
+    grad_to_router: bool = True
+    noise: bool = True
+
+
+class ParallelConfig(_Group):
+    """Parallel layout. DP is whatever is left: world / (TP * PP); EP divides DP*TP as in megatron-core."""
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    expert_model_parallel_size: int = 1
+    expert_tensor_parallel_size: Optional[int] = None  # default: tensor_model_parallel_size
+    sequence_parallel: Optional[bool] = None  # default: on when TP > 1 (megatron requires it with MoE)
+    use_distributed_optimizer: bool = False
+    world_size: Optional[int] = None  # the intended world size (checked at launch, used by `plan`)
+
+
+class DataConfig(_Group):
+    """Megatron indexed datasets: ``data_path`` is a prefix, a list, or a blend ``[w1, p1, w2, p2]``."""
+
+    data_path: Union[str, list[Union[str, float]]] = "embedded"
+    split: str = "969,30,1"
+    num_workers: int = 0
+    cache_dir: Optional[str] = None  # default: <dir of the first prefix>/index-cache
+    embedded_vocab_size: int = 8192  # vocab of the BPE trained when data_path is 'embedded'
+
+
+class TokenizerConfig(_Group):
+    """``path`` = tokenizer.json / GPT-2 vocab dir / HF name; None = the tokenizer saved beside the data."""
+
+    path: Optional[str] = None
+
+
+class TrainingConfig(_Group):
+    train_iters: int = 300
+    micro_batch_size: int = 8
+    global_batch_size: int = 16
+    seed: int = 1234
+    eval_interval: int = 50
+    eval_iters: int = 10
+    resume: str = "auto"  # auto | none | <checkpoint dir>
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    exit_interval: Optional[int] = None  # stop (with a checkpoint) after this many steps of this run
+
+
+class OptimizerConfig(_Group):
+    """AdamW with warmup then decay to ``min_lr`` (Megatron-LM names)."""
+
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    lr_warmup_iters: int = 20
+    lr_decay_style: Literal["cosine", "linear", "constant", "WSD", "inverse-square-root"] = "cosine"
+    lr_decay_iters: Optional[int] = None  # default: training.train_iters
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+
+class LoggingConfig(_Group):
+    run_dir: str = "runs/tiny"
+    log_interval: int = 10
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "moe-erc"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    progress: bool = True  # the live progress line on a terminal
+
+
+class CheckpointConfig(_Group):
+    save_interval: int = 100
+    dir: Optional[str] = None  # default: <run_dir>/checkpoints
+    keep_last: int = 2
+    load: Optional[str] = None  # initialise weights from this checkpoint dir (no optimizer, step 0)
+    save_optimizer: bool = True
+
+
+class Config(_Group):
+    model: ModelConfig = ModelConfig()
+    moe: MoEConfig = MoEConfig()
+    erc: ERCConfig = ERCConfig()
+    parallel: ParallelConfig = ParallelConfig()
+    data: DataConfig = DataConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+    training: TrainingConfig = TrainingConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _check_values(self) -> "Config":
+        for message in _value_problems(self):
+            raise ValueError(message)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _value_problems(cfg: Config):
+    """Single-field and cross-field checks that do not depend on the world size."""
+    m, moe, p, t, o = cfg.model, cfg.moe, cfg.parallel, cfg.training, cfg.optimizer
+    positive = {
+        "model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+        "model.num_attention_heads": m.num_attention_heads, "model.seq_length": m.seq_length,
+        "moe.num_experts": moe.num_experts, "moe.moe_router_topk": moe.moe_router_topk,
+        "parallel.tensor_model_parallel_size": p.tensor_model_parallel_size,
+        "parallel.pipeline_model_parallel_size": p.pipeline_model_parallel_size,
+        "parallel.expert_model_parallel_size": p.expert_model_parallel_size,
+        "training.train_iters": t.train_iters, "training.micro_batch_size": t.micro_batch_size,
+        "training.global_batch_size": t.global_batch_size, "training.eval_interval": t.eval_interval,
+        "logging.log_interval": cfg.logging.log_interval, "checkpoint.save_interval": cfg.checkpoint.save_interval,
+        "checkpoint.keep_last": cfg.checkpoint.keep_last,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            yield f"{key}={value} must be >= 1"
+    if t.eval_iters < 0:
+        yield f"training.eval_iters={t.eval_iters} must be >= 0"
+    if moe.moe_router_topk > moe.num_experts:
+        yield f"moe.moe_router_topk={moe.moe_router_topk} exceeds moe.num_experts={moe.num_experts}"
+    if m.hidden_size % m.num_attention_heads:
+        yield (f"model.hidden_size={m.hidden_size} is not divisible by "
+               f"model.num_attention_heads={m.num_attention_heads}")
+    if m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
+        yield (f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+               f"model.num_query_groups={m.num_query_groups}")
+    if cfg.erc.alpha < 0:
+        yield f"erc.alpha={cfg.erc.alpha} must be >= 0 (smaller = stronger specialisation; 1.0 is the paper's 3B value)"
+    if cfg.erc.coeff < 0:
+        yield f"erc.coeff={cfg.erc.coeff} must be >= 0"
+    if cfg.erc.enabled and moe.router != "topk":
+        yield (f"erc.enabled=true needs a router matrix, but moe.router={moe.router} has none; "
+               f"use moe.router=topk or set erc.enabled=false")
+    if not 0.0 <= o.min_lr <= o.lr:
+        yield f"optimizer.min_lr={o.min_lr} must be between 0 and optimizer.lr={o.lr}"
+    if o.lr_warmup_iters < 0:
+        yield f"optimizer.lr_warmup_iters={o.lr_warmup_iters} must be >= 0"
+    if o.clip_grad < 0:
+        yield f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)"
+    if not 0.0 <= m.hidden_dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
+        yield "model.hidden_dropout and model.attention_dropout must be in [0, 1)"
+    if isinstance(m.moe_layer_freq, list):
+        if len(m.moe_layer_freq) != m.num_layers or set(m.moe_layer_freq) - {0, 1}:
+            yield (f"model.moe_layer_freq as a list needs one 0/1 per layer "
+                   f"({m.num_layers} entries), got {m.moe_layer_freq}")
+    elif m.moe_layer_freq < 1:
+        yield f"model.moe_layer_freq={m.moe_layer_freq} must be >= 1"
+    if t.resume not in ("auto", "none") and not t.resume:
+        yield "training.resume must be 'auto', 'none' or a checkpoint directory"
+    sizes = [int(s) for s in cfg.data.split.replace("/", ",").split(",") if s.strip().isdigit()]
+    if len(sizes) != len(cfg.data.split.replace("/", ",").split(",")) or not sizes or sum(sizes) <= 0:
+        yield f"data.split='{cfg.data.split}' must be comma-separated non-negative weights, e.g. '969,30,1'"
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout checks (need the world size, which only the launcher knows)
+
+
+def data_parallel_size(cfg: Config, world_size: int) -> int:
+    p = cfg.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+
+def check_layout(cfg: Config, world_size: int) -> None:
+    """Raise :class:`ConfigError` if the parallel layout cannot run on ``world_size`` processes."""
+    p, m, moe, t = cfg.parallel, cfg.model, cfg.moe, cfg.training
+    tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
+    etp = p.expert_tensor_parallel_size or tp
+    if p.world_size is not None and p.world_size != world_size:
+        raise ConfigError(
+            f"parallel.world_size={p.world_size} but {world_size} processes were launched; "
+            f"launch {p.world_size} or override parallel.world_size={world_size}")
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size*pipeline_model_parallel_size"
+            f"={tp}*{pp}; change parallel.* or the number of processes")
+    dp = world_size // (tp * pp)
+    if (world_size // pp) % (etp * ep):
+        raise ConfigError(
+            f"expert_model_parallel_size*expert_tensor_parallel_size={ep}*{etp} must divide "
+            f"world_size/pipeline_model_parallel_size={world_size // pp}")
+    if moe.num_experts % ep:
+        raise ConfigError(
+            f"moe.num_experts={moe.num_experts} is not divisible by parallel.expert_model_parallel_size={ep}; "
+            f"pick an EP size that divides the number of experts")
+    if m.num_attention_heads % tp:
+        raise ConfigError(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
+            f"parallel.tensor_model_parallel_size={tp}")
+    groups = m.num_query_groups or m.num_attention_heads
+    if groups % tp:
+        raise ConfigError(f"model.num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}")
+    if m.num_layers % pp:
+        raise ConfigError(
+            f"model.num_layers={m.num_layers} is not divisible by parallel.pipeline_model_parallel_size={pp}")
+    if tp > 1 and p.sequence_parallel is False:
+        raise ConfigError(
+            "parallel.sequence_parallel=false with tensor_model_parallel_size>1: megatron-core's MoE layer "
+            "requires sequence parallelism with TP; remove the override")
+    if (tp > 1 or p.sequence_parallel) and m.seq_length % tp:
+        raise ConfigError(f"model.seq_length={m.seq_length} must be divisible by tensor_model_parallel_size={tp}")
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError(
+            f"training.global_batch_size={t.global_batch_size} must be a multiple of "
+            f"micro_batch_size*data_parallel_size={t.micro_batch_size}*{dp}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML file (or the defaults), apply ``section.key=value`` overrides, validate.
+
+    Values in overrides are parsed as YAML (``50`` -> int, ``true`` -> bool, ``[a, b]`` -> list).
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or "invalid YAML"
+            raise ConfigError(f"{path}: YAML syntax error{where}: {problem}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, moe:, ...)")
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(raw, key, value)
+    _reject_unknown_keys(raw)
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' must look like section.key=value, e.g. training.train_iters=50")
+    key, text = item.split("=", 1)
+    key = key.strip().lstrip("-")
+    if key.count(".") != 1:
+        raise ConfigError(f"override key '{key}' must be section.key, e.g. moe.num_experts")
+    try:
+        value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        value = text
+    return key, value
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    section, name = key.split(".")
+    target = raw.setdefault(section, {})
+    if not isinstance(target, dict):
+        raise ConfigError(f"'{section}' must be a mapping in the config file, not {type(target).__name__}")
+    target[name] = value
+
+
+def _suggest(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(sorted(options))}"
+
+
+def _reject_unknown_keys(raw: dict) -> None:
+    sections = Config.model_fields
+    for section, body in raw.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section '{section}'{_suggest(str(section), sections)}")
+        if body is None:
+            raw[section] = {}
+            continue
+        if not isinstance(body, dict):
+            raise ConfigError(f"config section '{section}' must be a mapping of keys, got {body!r}")
+        fields = sections[section].annotation.model_fields
+        for key in body:
+            if key not in fields:
+                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(str(key), fields)}")
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("function-", "literal[")))
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "value_error" or not loc:
+        return msg
+    return f"{loc}={err.get('input')!r}: {msg}"

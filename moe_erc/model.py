@@ -1,0 +1,133 @@
+"""Build megatron-core's GPTModel with MoE layers from a :class:`moe_erc.config.Config`.
+
+The model knows nothing about launchers or data: it takes a config and the vocabulary size and returns
+the module for this pipeline stage. Parallel state must already be initialised
+(:func:`moe_erc.parallel.initialize`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_erc.compat import import_megatron
+from moe_erc.config import Config
+
+import_megatron()
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.models.gpt import GPTModel  # noqa: E402
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
+from megatron.core.transformer import TransformerConfig  # noqa: E402
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def have_transformer_engine() -> bool:
+    """True when transformer-engine imports (GPU images); never required."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # ImportError, or OSError/RuntimeError for missing CUDA libraries
+        return False
+    return torch.cuda.is_available()
+
+
+def resolve_precision(cfg: Config, device: str) -> str:
+    """``auto`` -> bf16 on GPU, fp32 on CPU."""
+    if cfg.training.precision != "auto":
+        return cfg.training.precision
+    return "bf16" if device == "cuda" else "fp32"
+
+
+def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
+    """Round the tokenizer's vocabulary up so the embedding splits evenly over TP ranks."""
+    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
+    return -(-vocab_size // multiple) * multiple
+
+
+def transformer_config(cfg: Config, precision: str = "fp32") -> TransformerConfig:
+    """Translate our config into megatron-core's ``TransformerConfig`` (fusions off unless on GPU)."""
+    m, moe, p = cfg.model, cfg.moe, cfg.parallel
+    tp = p.tensor_model_parallel_size
+    on_gpu = torch.cuda.is_available()
+    ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    return TransformerConfig(
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=ffn,
+        hidden_dropout=m.hidden_dropout,
+        attention_dropout=m.attention_dropout,
+        normalization=m.normalization,
+        gated_linear_unit=m.swiglu,
+        activation_func=F.silu if m.swiglu else F.gelu,
+        add_bias_linear=m.add_bias_linear,
+        qk_layernorm=m.qk_layernorm,
+        init_method_std=m.init_method_std,
+        # parallel layout
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size or tp,
+        sequence_parallel=p.sequence_parallel if p.sequence_parallel is not None else tp > 1,
+        # MoE (Megatron-LM names)
+        num_moe_experts=moe.num_experts,
+        moe_layer_freq=m.moe_layer_freq,
+        moe_router_topk=moe.moe_router_topk,
+        moe_ffn_hidden_size=moe.moe_ffn_hidden_size or ffn,
+        moe_router_load_balancing_type=moe.moe_router_load_balancing_type,
+        moe_aux_loss_coeff=moe.moe_aux_loss_coeff,
+        moe_z_loss_coeff=moe.moe_z_loss_coeff,
+        moe_router_score_function=moe.moe_router_score_function,
+        moe_router_pre_softmax=moe.moe_router_pre_softmax,
+        moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
+        moe_router_bias_update_rate=moe.moe_router_bias_update_rate,
+        moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
+        moe_grouped_gemm=moe.moe_grouped_gemm,
+        moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
+        moe_router_dtype=moe.moe_router_dtype,
+        moe_permute_fusion=False,
+        # precision
+        params_dtype=_DTYPES[precision],
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        pipeline_dtype=_DTYPES[precision],
+        # Fused kernels need apex/TE/CUDA; the unfused paths are the reference on CPU.
+        masked_softmax_fusion=on_gpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        cross_entropy_loss_fusion=False,
+        # Weights are drawn per rank from the RNG tracker (TP/EP-aware seeds). use_cpu_initialization
+        # would give every EP rank the same experts.
+        use_cpu_initialization=False,
+    )
+
+
+def build_model(cfg: Config, tf_config: TransformerConfig, vocab_size: int) -> GPTModel:
+    """GPTModel for this pipeline stage. ``vocab_size`` is the padded size (:func:`padded_vocab_size`)."""
+    use_te = have_transformer_engine()
+    block_spec = get_gpt_decoder_block_spec(tf_config, use_transformer_engine=use_te)
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    model = GPTModel(
+        config=tf_config,
+        transformer_layer_spec=block_spec,
+        vocab_size=vocab_size,
+        max_sequence_length=cfg.model.max_position_embeddings or cfg.model.seq_length,
+        pre_process=pp_rank == 0,
+        post_process=pp_rank == pp_size - 1,
+        share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
+        position_embedding_type=cfg.model.position_embedding_type,
+        rotary_base=cfg.model.rotary_base,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Parameters held by this rank."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,119 @@
+"""Process groups and seeds: torch.distributed + megatron-core parallel state from the config.
+
+Works the same under ``torchrun`` (reads RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT), SLURM
+(``srun`` sets SLURM_PROCID/SLURM_NTASKS; MASTER_ADDR/PORT come from the sbatch script) and a plain
+single process (a private TCP store on localhost). Backend: NCCL on GPU, gloo on CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moe_erc.compat import import_megatron
+from moe_erc.config import Config, check_layout
+
+import_megatron()
+from megatron.core import parallel_state, tensor_parallel  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Topology:
+    """This process's place in the layout."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    tp_rank: int
+    pp_rank: int
+    ep_rank: int
+    dp_rank: int
+    dp_size: int
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The last rank holds the loss (last pipeline stage); it logs."""
+        return self.rank == self.world_size - 1
+
+
+def launch_environment() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) from torchrun or SLURM variables; (0, 1, 0) otherwise."""
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return 0, 1, 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize(cfg: Config, device: str) -> Topology:
+    """Start torch.distributed (if needed) and megatron's parallel groups; seed every RNG."""
+    rank, world_size, local_rank = launch_environment()
+    check_layout(cfg, world_size)
+    if not dist.is_initialized():
+        if world_size == 1 and "MASTER_ADDR" not in os.environ:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(_free_port())
+        if device == "cuda":
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group(
+            backend="nccl" if device == "cuda" else "gloo",
+            rank=rank,
+            world_size=world_size,
+            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+        )
+    p = cfg.parallel
+    tp = p.tensor_model_parallel_size
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=p.pipeline_model_parallel_size,
+        expert_model_parallel_size=p.expert_model_parallel_size,
+        expert_tensor_parallel_size=p.expert_tensor_parallel_size or tp,
+    )
+    set_seed(cfg.training.seed)
+    return topology()
+
+
+def topology() -> Topology:
+    rank, world_size, local_rank = dist.get_rank(), dist.get_world_size(), launch_environment()[2]
+    return Topology(
+        rank=rank,
+        world_size=world_size,
+        local_rank=local_rank,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        pp_rank=parallel_state.get_pipeline_model_parallel_rank(),
+        ep_rank=parallel_state.get_expert_model_parallel_rank(),
+        dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=parallel_state.get_data_parallel_world_size(),
+    )
+
+
+def set_seed(seed: int) -> None:
+    """Seed python/numpy/torch and megatron's tracker (TP-, EP- and PP-aware streams).
+
+    Pipeline stages get different seeds (as in Megatron-LM) so their layers are not initialised alike.
+    """
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def destroy() -> None:
+    """Tear down megatron's groups and the default process group."""
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
