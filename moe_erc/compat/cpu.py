@@ -213,6 +213,10 @@ MODULES_SEEING_CPU_TORCH: dict[str, str] = {
     "megatron.core.optimizer.distrib_optimizer": "shard buffers on current_device()",
     "megatron.core.pipeline_parallel.schedules": "token counter with device='cuda', autocast('cuda')",
     "megatron.core.pipeline_parallel.p2p_communication": "receive buffers on current_device()",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "preload_tensors calls synchronize()",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save verification flags on current_device()",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel": "fully-parallel save/load synchronize()",
+    "megatron.core.dist_checkpointing.exchange_utils": "shard exchange buffers with device='cuda'",
 }
 
 

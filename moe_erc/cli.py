@@ -1,0 +1,85 @@
+"""``moe-erc`` command line: ``train`` and ``preprocess``.
+
+User mistakes (:class:`moe_erc.errors.UserError`) print one line, ``moe-erc: error: ...``, and exit
+with code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from typing import Optional
+
+from moe_erc.errors import UserError
+
+
+def _quiet_third_party_noise() -> None:
+    """Warnings megatron-core prints on every CPU run that ask nothing of the user."""
+    for pattern in (".*GPTModel IS DEPRECATED.*", ".*CUDA_DEVICE_MAX_CONNECTIONS.*",
+                    ".*all_gather_into_tensor.*is deprecated.*", ".*reduce_scatter_tensor.*is deprecated.*",
+                    ".*Apex is not installed.*", ".*Transformer Engine.*not installed.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    os.environ.setdefault("TORCH_COMPILE_DISABLE", "1" if not _has_cuda() else "0")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _train(args) -> int:
+    from moe_erc.config import load_config
+    from moe_erc.train import run
+
+    cfg = load_config(args.config, args.overrides)
+    run(cfg)
+    return 0
+
+
+def _preprocess(args) -> int:
+    from moe_erc.data.preprocess import main as preprocess_main
+
+    return preprocess_main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-erc", description="MoE pre-training with the ERC loss.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a YAML config",
+                           description="Train. Overrides look like training.train_iters=50 moe.num_experts=16.")
+    train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    train.add_argument("overrides", nargs="*", help="section.key=value")
+    train.add_argument("--debug", action="store_true", help="show full tracebacks")
+    train.set_defaults(func=_train)
+
+    pre = sub.add_parser("preprocess", help="tokenize text/jsonl/parquet into Megatron .bin/.idx",
+                         add_help=False)
+    pre.add_argument("rest", nargs=argparse.REMAINDER)
+    pre.set_defaults(func=_preprocess)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in argv
+    _quiet_third_party_noise()
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        if debug:
+            raise
+        print(f"moe-erc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moe-erc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

