@@ -35,8 +35,13 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def _unwrap(chunk):
+    """The GPTModel inside megatron's DDP wrapper (its keys, without a ``module.`` prefix)."""
+    return getattr(chunk, "module", chunk)
+
+
 def _sharded_state(model_chunks, optimizer, scheduler, trainer_state, with_optimizer, is_loading):
-    model_sd = model_chunks[0].sharded_state_dict()
+    model_sd = _unwrap(model_chunks[0]).sharded_state_dict()
     state = {"model": model_sd, "trainer": trainer_state}
     if with_optimizer:
         metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
@@ -127,7 +132,7 @@ def load(step_dir: str | Path, model_chunks, optimizer=None, scheduler=None) -> 
     template.pop("trainer")
     with torch.no_grad():
         state = dist_checkpointing.load(template, str(step_dir))
-    model_chunks[0].load_state_dict(state["model"], strict=True)
+    _unwrap(model_chunks[0]).load_state_dict(state["model"], strict=True)
     if with_optimizer:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -34,7 +34,10 @@ def _train(args) -> int:
     from moe_erc.config import load_config
     from moe_erc.train import run
 
-    cfg = load_config(args.config, args.overrides)
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
+        config, overrides = None, [config, *overrides]  # no file given: defaults + overrides
+    cfg = load_config(config, overrides)
     run(cfg)
     return 0
 
@@ -52,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model from a YAML config",
                            description="Train. Overrides look like training.train_iters=50 moe.num_experts=16.")
-    train.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    train.add_argument("config", nargs="?", help="YAML config, e.g. configs/tiny.yaml (default: built-in defaults)")
     train.add_argument("overrides", nargs="*", help="section.key=value")
     train.add_argument("--debug", action="store_true", help="show full tracebacks")
     train.set_defaults(func=_train)
