@@ -42,10 +42,11 @@ def _train(args) -> int:
     return 0
 
 
-def _preprocess(args) -> int:
+def _preprocess(argv: list[str]) -> int:
+    """Its own parser (Megatron-LM's preprocess_data.py flag names) gets the arguments untouched."""
     from moe_erc.data.preprocess import main as preprocess_main
 
-    return preprocess_main(args.rest)
+    return preprocess_main(argv)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,10 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help="show full tracebacks")
     train.set_defaults(func=_train)
 
-    pre = sub.add_parser("preprocess", help="tokenize text/jsonl/parquet into Megatron .bin/.idx",
-                         add_help=False)
-    pre.add_argument("rest", nargs=argparse.REMAINDER)
-    pre.set_defaults(func=_preprocess)
+    # Listed for --help; its arguments are parsed by moe_erc.data.preprocess (see main()).
+    sub.add_parser("preprocess", help="tokenize text/jsonl/parquet into Megatron .bin/.idx")
     return parser
 
 
@@ -71,8 +70,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     _quiet_third_party_noise()
-    args = build_parser().parse_args(argv)
     try:
+        if argv and argv[0] == "preprocess":
+            return _preprocess([a for a in argv[1:] if a != "--debug"])
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as exc:
         if debug:

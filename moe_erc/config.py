@@ -340,9 +340,9 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
     target[name] = value
 
 
-def _suggest(name: str, options) -> str:
+def _suggest(name: str, options, prefix: str = "") -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
-    return f"; did you mean '{close[0]}'?" if close else f"; valid: {', '.join(sorted(options))}"
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid: {', '.join(sorted(options))}"
 
 
 def _reject_unknown_keys(raw: dict) -> None:
@@ -358,7 +358,7 @@ def _reject_unknown_keys(raw: dict) -> None:
         fields = sections[section].annotation.model_fields
         for key in body:
             if key not in fields:
-                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(str(key), fields)}")
+                raise ConfigError(f"unknown config key '{section}.{key}'{_suggest(str(key), fields, section + '.')}")
 
 
 def _format_validation_error(exc: ValidationError) -> str:
