@@ -241,7 +241,7 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
 
 
-def check_layout(cfg: Config, world_size: int) -> None:
+def check_layout(cfg: Config, world_size: int, device: str = "cuda") -> None:
     """Raise :class:`ConfigError` if the parallel layout cannot run on ``world_size`` processes."""
     p, m, moe, t = cfg.parallel, cfg.model, cfg.moe, cfg.training
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
@@ -279,6 +279,10 @@ def check_layout(cfg: Config, world_size: int) -> None:
             "requires sequence parallelism with TP; remove the override")
     if (tp > 1 or p.sequence_parallel) and m.seq_length % tp:
         raise ConfigError(f"model.seq_length={m.seq_length} must be divisible by tensor_model_parallel_size={tp}")
+    if device == "cpu" and p.use_distributed_optimizer:
+        raise ConfigError(
+            "parallel.use_distributed_optimizer=true needs CUDA: megatron-core's distributed optimizer only "
+            "accepts torch.cuda parameter types; set it to false on CPU")
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"training.global_batch_size={t.global_batch_size} must be a multiple of "

@@ -61,7 +61,7 @@ def _free_port() -> int:
 def initialize(cfg: Config, device: str) -> Topology:
     """Start torch.distributed (if needed) and megatron's parallel groups; seed every RNG."""
     rank, world_size, local_rank = launch_environment()
-    check_layout(cfg, world_size)
+    check_layout(cfg, world_size, device)
     if not dist.is_initialized():
         if world_size == 1 and "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"

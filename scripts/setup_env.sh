@@ -20,7 +20,12 @@ key="$(cat pyproject.toml scripts/requirements-cpu.txt scripts/setup_env.sh | sh
 stamp=".venv/.moe-erc-installed-$key"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies into .venv (first run takes a minute or two)"
-  pip_q() { python -m pip install --disable-pip-version-check -q "$@"; }
+  log=.venv/install.log
+  : > "$log"
+  pip_q() {
+    python -m pip install --disable-pip-version-check -q "$@" >>"$log" 2>&1 \
+      || { tail -n 40 "$log"; echo "setup: pip install $* failed (full log: $log)" >&2; exit 1; }
+  }
   # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
   pip_q "torch==${TORCH_VERSION}" -r scripts/requirements-cpu.txt
   # megatron-core >= 0.17 declares Python >= 3.12 but its cp311 wheel works; without --no-deps pip

@@ -28,10 +28,12 @@ def test_single_process_run_lowers_the_loss_and_writes_its_outputs(reference):
 
 
 @pytest.mark.parametrize("layout", [
+    [],                                                          # DP=2, experts replicated
     ["parallel.expert_model_parallel_size=2"],                   # EP=2 (and DP=2)
     ["parallel.tensor_model_parallel_size=2"],                   # TP=2 with sequence parallelism
+    ["parallel.pipeline_model_parallel_size=2"],                 # PP=2, one layer per stage
     ["parallel.expert_model_parallel_size=2", "moe.moe_token_dispatcher_type=allgather"],
-], ids=["ep2", "tp2-sp", "ep2-allgather"])
+], ids=["dp2", "ep2", "tp2-sp", "pp2", "ep2-allgather"])
 def test_two_process_layouts_match_one_process(reference, tmp_path, layout):
     """Same weights (the reference checkpoint, resharded on load), same data: the first two steps' losses
     agree with one process. Step 1 checks the forward pass, step 2 the gradients and optimizer update."""

@@ -1,0 +1,304 @@
+"""The training loop: config -> (data, model) -> steps -> metrics and checkpoints.
+
+Entry points: ``moe-erc train`` (:mod:`moe_erc.cli`) and ``torchrun ... -m moe_erc.train``.
+
+One step = ``global_batch_size`` sequences = ``global_batch_size / (micro_batch_size * dp)`` micro-batches
+per data-parallel rank, run by megatron-core's forward-backward schedule (with or without pipelining),
+gradients reduced by megatron DDP, then one optimizer step and one LR-schedule step.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from moe_erc import checkpoint, parallel
+from moe_erc.compat import prepare_runtime
+from moe_erc.config import Config, data_parallel_size
+from moe_erc.data.corpus import prepare_embedded_corpus
+from moe_erc.data.datasets import build_dataloader, build_gpt_datasets, check_indexed_dataset, parse_data_path
+from moe_erc.data.tokenizer import resolve_tokenizer
+from moe_erc.errors import DataError, UserError
+from moe_erc.metrics import MetricsWriter, Progress, clear_moe_layer_metrics, moe_layer_metrics
+from moe_erc.model import build_model, count_parameters, padded_vocab_size, resolve_precision, transformer_config
+from moe_erc.optim import build_optimizer, build_scheduler, wrap_ddp
+
+from megatron.core import parallel_state  # noqa: E402  (importable: moe_erc.compat ran first)
+from megatron.core.distributed import finalize_model_grads  # noqa: E402
+from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+
+EMBEDDED_DATA_DIR = Path("data") / "embedded"
+
+
+def resolve_data_path(cfg: Config, is_first_rank: bool) -> list:
+    """``data.data_path`` with ``embedded`` replaced by the prepared Shakespeare prefix (rank 0 prepares)."""
+    raw = cfg.data.data_path
+    if raw == "embedded" or raw == ["embedded"]:
+        if is_first_rank:
+            prefix = prepare_embedded_corpus(EMBEDDED_DATA_DIR, vocab_size=cfg.data.embedded_vocab_size)
+        dist.barrier()
+        prefix = prepare_embedded_corpus(EMBEDDED_DATA_DIR, vocab_size=cfg.data.embedded_vocab_size)
+        return [prefix]
+    return [raw] if isinstance(raw, str) else list(raw)
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Token-mean LM loss of one micro-batch; reports (sum, count) so means are exact across ranks."""
+    mask = loss_mask.view(-1).float()
+    loss_sum = (per_token_loss.view(-1).float() * mask).sum()
+    num_tokens = mask.sum().to(torch.int)
+    report = torch.stack([loss_sum.detach(), mask.sum()])
+    return loss_sum, num_tokens, {"lm loss": report}
+
+
+def _forward_step(data_iterator: Iterator[dict], model):
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(_loss_func, batch["loss_mask"])
+
+
+class Trainer:
+    """Owns the model chunks, optimizer, schedule, data and outputs of one run."""
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+        self.device = prepare_runtime(cfg.training.device)
+        self.topo = parallel.initialize(cfg, self.device)
+        self.is_logger = self.topo.is_logging_rank
+        self.run_dir = Path(cfg.logging.run_dir)
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self._prepare_run_dir()
+        self.precision = resolve_precision(cfg, self.device)
+
+        # data
+        data_path = resolve_data_path(cfg, self.topo.rank == 0)
+        self.prefixes, _ = parse_data_path(data_path)
+        for prefix in self.prefixes:
+            check_indexed_dataset(prefix)
+        self.tokenizer = resolve_tokenizer(self.prefixes, cfg.tokenizer.path)
+        t = cfg.training
+        self.dp = data_parallel_size(cfg, self.topo.world_size)
+        self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp)
+        self.train_ds, self.valid_ds, _ = build_gpt_datasets(
+            data_path, cfg.data.split, cfg.model.seq_length, t.seed, self.tokenizer,
+            train_samples=t.train_iters * t.global_batch_size,
+            valid_samples=t.eval_iters * t.global_batch_size if t.eval_iters else 0,
+            test_samples=0,
+            cache_dir=cfg.data.cache_dir or str(Path(self.prefixes[0]).parent / "index-cache"),
+        )
+        if self.train_ds is None:
+            raise DataError(f"data.split='{cfg.data.split}' leaves no training documents; give train a weight")
+
+        # model, DDP, optimizer, schedule
+        self.tf_config = transformer_config(cfg, self.precision)
+        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg)
+        model = build_model(cfg, self.tf_config, self.vocab_size)
+        self.num_params = self._global_param_count(model)
+        self.model = [wrap_ddp(cfg, self.tf_config, model)]
+        self.optimizer = build_optimizer(cfg, self.tf_config, self.model)
+        self.scheduler = build_scheduler(cfg, self.optimizer)
+        self.tf_config.finalize_model_grads_func = finalize_model_grads
+        self.tf_config.no_sync_func = self.model[0].no_sync
+        if self.tf_config.fp16:
+            self.tf_config.grad_scale_func = self.optimizer.scale_loss
+        self.forward_backward = get_forward_backward_func()
+
+        self.step = 0
+        self.consumed_samples = 0
+        self._maybe_resume()
+        self.writer = MetricsWriter(cfg, self.run_dir, enabled=self.is_logger)
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _prepare_run_dir(self) -> None:
+        if self.topo.rank == 0:
+            try:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                (self.run_dir / "config.yaml").write_text(self.cfg.to_yaml())
+            except OSError as exc:
+                raise UserError(f"cannot write run directory {self.run_dir} ({exc.strerror}); "
+                                f"set logging.run_dir to a writable path") from None
+        dist.barrier()
+
+    def _global_param_count(self, model) -> int:
+        """Parameters of the whole model (experts and TP shards counted once)."""
+        dense = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True))
+        expert = count_parameters(model) - dense
+        dense_t = torch.tensor([dense], dtype=torch.float64)
+        expert_t = torch.tensor([expert], dtype=torch.float64)
+        dist.all_reduce(dense_t, group=parallel_state.get_tensor_model_parallel_group())
+        dist.all_reduce(dense_t, group=parallel_state.get_pipeline_model_parallel_group())
+        dist.all_reduce(expert_t, group=parallel_state.get_expert_tensor_and_model_parallel_group())
+        dist.all_reduce(expert_t, group=parallel_state.get_pipeline_model_parallel_group())
+        return int(dense_t.item() + expert_t.item())
+
+    def _maybe_resume(self) -> None:
+        cfg = self.cfg
+        source: Optional[Path] = None
+        if cfg.training.resume == "auto":
+            source = checkpoint.find_latest(self.ckpt_dir)
+        elif cfg.training.resume != "none":
+            source = checkpoint.resolve(cfg.training.resume)
+        if source is not None:
+            state = checkpoint.load(source, self.model, self.optimizer, self.scheduler)
+            self.step = int(state.get("step", 0))
+            self.consumed_samples = int(state.get("consumed_samples", 0))
+            self._say(f"resumed from {source} at step {self.step}")
+        elif cfg.checkpoint.load:
+            step_dir = checkpoint.resolve(cfg.checkpoint.load)
+            checkpoint.load(step_dir, self.model)
+            self._say(f"initialised weights from {step_dir}")
+
+    def _say(self, text: str) -> None:
+        if self.is_logger:
+            print(text, flush=True)
+
+    # ------------------------------------------------------------------ steps
+
+    def _data_iterator(self, dataset, consumed_samples: int):
+        return iter(build_dataloader(dataset, self.cfg.training.micro_batch_size, self.topo.dp_rank,
+                                     self.dp, consumed_samples=consumed_samples,
+                                     num_workers=self.cfg.data.num_workers))
+
+    def _reduce_lm_loss(self, losses: list[dict]) -> float:
+        """Token-weighted mean over micro-batches and DP ranks (NaN off the last pipeline stage)."""
+        total = torch.zeros(2, dtype=torch.float64)
+        for item in losses:
+            total += item["lm loss"].double()
+        dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+
+    def train_step(self, data_iterator) -> dict:
+        """One optimizer step over ``num_microbatches`` micro-batches. Returns scalars for logging."""
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.forward_backward(
+            forward_step_func=_forward_step,
+            data_iterator=data_iterator,
+            model=self.model,
+            num_microbatches=self.num_microbatches,
+            seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.training.micro_batch_size,
+            forward_only=False,
+        )
+        updated, grad_norm, _ = self.optimizer.step()
+        self.scheduler.step(increment=1)
+        return {
+            "lm_loss": self._reduce_lm_loss(losses),
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "skipped": 0 if updated else 1,
+        }
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        """LM loss on the same ``eval_iters`` validation batches every time (comparable across evals)."""
+        if self.valid_ds is None or self.cfg.training.eval_iters == 0:
+            return None
+        for chunk in self.model:
+            chunk.eval()
+        iterator = self._data_iterator(self.valid_ds, 0)
+        losses = []
+        for _ in range(self.cfg.training.eval_iters):
+            losses += self.forward_backward(
+                forward_step_func=_forward_step, data_iterator=iterator, model=self.model,
+                num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
+                micro_batch_size=self.cfg.training.micro_batch_size, forward_only=True)
+        clear_moe_layer_metrics()
+        for chunk in self.model:
+            chunk.train()
+        return self._reduce_lm_loss(losses)
+
+    def save(self) -> Path:
+        state = {"step": self.step, "consumed_samples": self.consumed_samples}
+        return checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler, state,
+                               with_optimizer=self.cfg.checkpoint.save_optimizer,
+                               keep_last=self.cfg.checkpoint.keep_last)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        cfg, t = self.cfg, self.cfg.training
+        tokens_per_step = t.global_batch_size * cfg.model.seq_length
+        self._say(self._banner())
+        progress = Progress(t.train_iters, self.step, enabled=self.is_logger and cfg.logging.progress)
+        summary = {"first_valid_loss": None, "valid_loss": None, "train_loss": None, "step": self.step,
+                   "run_dir": str(self.run_dir)}
+        if self.step >= t.train_iters:
+            self._say(f"already trained to step {self.step} >= training.train_iters={t.train_iters}; nothing to do "
+                      f"(raise training.train_iters, or start over with training.resume=none or a new logging.run_dir)")
+            return summary
+        if self.step == 0:
+            summary["first_valid_loss"] = self._run_eval()
+        data_iterator = self._data_iterator(self.train_ds, self.consumed_samples)
+        stop_at = t.train_iters if t.exit_interval is None else min(t.train_iters, self.step + t.exit_interval)
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < stop_at:
+            scalars = self.train_step(data_iterator)
+            self.step += 1
+            self.consumed_samples += t.global_batch_size
+            window_steps += 1
+            if self.step % cfg.logging.log_interval == 0 or self.step == stop_at:
+                elapsed = time.perf_counter() - window_start
+                scalars["tokens_per_s"] = tokens_per_step * window_steps / elapsed
+                scalars["step_time_s"] = elapsed / window_steps
+                for name, per_layer in moe_layer_metrics(1.0 / self.num_microbatches).items():
+                    scalars[name] = sum(per_layer) / max(len([v for v in per_layer if v]), 1)
+                self.writer.write(self.step, "train", scalars)
+                summary["train_loss"] = scalars["lm_loss"]
+                progress.print(progress.line(self.step, scalars["lm_loss"], scalars["lr"],
+                                             scalars["tokens_per_s"],
+                                             {"lb": scalars["load_balancing_loss"]}
+                                             if "load_balancing_loss" in scalars else None))
+                window_start, window_steps = time.perf_counter(), 0
+            else:
+                clear_moe_layer_metrics()
+            if self.step % t.eval_interval == 0 and self.step < t.train_iters:
+                self._run_eval()
+            if self.step % cfg.checkpoint.save_interval == 0 and self.step < stop_at:
+                self.save()
+        summary["valid_loss"] = self._run_eval()
+        final_dir = self.save()
+        self._say(f"done: step {self.step}, checkpoint {final_dir}, metrics {self.run_dir / 'metrics.jsonl'}")
+        summary.update(step=self.step, checkpoint=str(final_dir), run_dir=str(self.run_dir))
+        return summary
+
+    def _run_eval(self) -> Optional[float]:
+        loss = self.evaluate()
+        if loss is not None:
+            self.writer.write(self.step, "valid", {"lm_loss": loss, "ppl": math.exp(min(loss, 50))})
+            self._say(f"validation at step {self.step}: loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.1f}")
+        return loss
+
+    def _banner(self) -> str:
+        cfg, p = self.cfg, self.cfg.parallel
+        return (f"moe-erc: {self.num_params / 1e6:.2f}M parameters, {cfg.model.num_layers} layers, "
+                f"{cfg.moe.num_experts} experts top-{cfg.moe.moe_router_topk}, "
+                f"ERC {'on (alpha=%g)' % cfg.erc.alpha if cfg.erc.enabled else 'off'} | "
+                f"world {self.topo.world_size} = TP{p.tensor_model_parallel_size} x "
+                f"PP{p.pipeline_model_parallel_size} x DP{self.dp} (EP{p.expert_model_parallel_size}) | "
+                f"{self.device}, {self.precision} | vocab {self.tokenizer.vocab_size} (padded {self.vocab_size})"
+                f" | run dir {self.run_dir}")
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def run(cfg: Config) -> dict:
+    """Train with ``cfg`` in this process (one rank of the launch). Returns the run summary."""
+    trainer = None
+    try:
+        trainer = Trainer(cfg)
+        return trainer.train()
+    finally:
+        if trainer is not None:
+            trainer.close()
+        if dist.is_initialized():
+            parallel.destroy()
