@@ -82,12 +82,18 @@ class MetricsWriter:
             return
         record = {"step": step, "split": split, "time": round(time.time(), 3), **scalars}
         self._jsonl.write(json.dumps(record) + "\n")
+        flat = {}
         for key, value in scalars.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                if self._tb is not None:
-                    self._tb.add_scalar(f"{split}/{key}", value, step)
+            if isinstance(value, list):  # per-layer values: one scalar per layer under key/
+                flat.update({f"{key}/layer_{i + 1}": v for i, v in enumerate(value)})
+            else:
+                flat[key] = value
+        flat = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        if self._tb is not None:
+            for key, value in flat.items():
+                self._tb.add_scalar(f"{split}/{key}", value, step)
         if self._wandb is not None:
-            self._wandb.log({f"{split}/{k}": v for k, v in scalars.items()}, step=step)
+            self._wandb.log({f"{split}/{k}": v for k, v in flat.items()}, step=step)
 
     def close(self) -> None:
         if self._jsonl is not None:

@@ -24,6 +24,7 @@ from moe_erc.config import Config, data_parallel_size
 from moe_erc.data.corpus import prepare_embedded_corpus
 from moe_erc.data.datasets import build_dataloader, build_gpt_datasets, check_indexed_dataset, parse_data_path
 from moe_erc.data.tokenizer import resolve_tokenizer
+from moe_erc.erc_layer import erc_layer_stats, set_training_step
 from moe_erc.errors import DataError, UserError
 from moe_erc.metrics import MetricsWriter, Progress, clear_moe_layer_metrics, moe_layer_metrics
 from moe_erc.model import build_model, count_parameters, padded_vocab_size, resolve_precision, transformer_config
@@ -179,6 +180,7 @@ class Trainer:
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
+        set_training_step(self.step)
         losses = self.forward_backward(
             forward_step_func=_forward_step,
             data_iterator=data_iterator,
@@ -188,12 +190,13 @@ class Trainer:
             micro_batch_size=self.cfg.training.micro_batch_size,
             forward_only=False,
         )
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         updated, grad_norm, _ = self.optimizer.step()
         self.scheduler.step(increment=1)
         return {
             "lm_loss": self._reduce_lm_loss(losses),
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
-            "lr": self.optimizer.param_groups[0]["lr"],
+            "lr": lr,
             "skipped": 0 if updated else 1,
         }
 
@@ -251,12 +254,13 @@ class Trainer:
                 scalars["step_time_s"] = elapsed / window_steps
                 for name, per_layer in moe_layer_metrics(1.0 / self.num_microbatches).items():
                     scalars[name] = sum(per_layer) / max(len([v for v in per_layer if v]), 1)
+                if cfg.erc.enabled:
+                    scalars.update(self._erc_scalars())
                 self.writer.write(self.step, "train", scalars)
                 summary["train_loss"] = scalars["lm_loss"]
-                progress.print(progress.line(self.step, scalars["lm_loss"], scalars["lr"],
-                                             scalars["tokens_per_s"],
-                                             {"lb": scalars["load_balancing_loss"]}
-                                             if "load_balancing_loss" in scalars else None))
+                shown = {"lb": "load_balancing_loss", "erc": "erc_loss", "eps": "eps_mean"}
+                progress.print(progress.line(self.step, scalars["lm_loss"], scalars["lr"], scalars["tokens_per_s"],
+                                             {k: scalars[v] for k, v in shown.items() if v in scalars}))
                 window_start, window_steps = time.perf_counter(), 0
             else:
                 clear_moe_layer_metrics()
@@ -269,6 +273,17 @@ class Trainer:
         self._say(f"done: step {self.step}, checkpoint {final_dir}, metrics {self.run_dir / 'metrics.jsonl'}")
         summary.update(step=self.step, checkpoint=str(final_dir), run_dir=str(self.run_dir))
         return summary
+
+    def _erc_scalars(self) -> dict:
+        """Mean over MoE layers of each ERC statistic (min for the margin), plus the per-layer lists."""
+        out = {}
+        for name, per_layer in erc_layer_stats(self.model, self.cfg.model.num_layers).items():
+            values = [v for v in per_layer if not math.isnan(v)]
+            if values:
+                out[name] = min(values) if name in ("erc_margin", "eps_min") else (
+                    max(values) if name == "eps_max" else sum(values) / len(values))
+                out[f"{name}_per_layer"] = per_layer
+        return out
 
     def _run_eval(self) -> Optional[float]:
         loss = self.evaluate()

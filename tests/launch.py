@@ -33,12 +33,26 @@ def train(run_dir: Path, data_prefix: str, *overrides: str, nproc: int = 1, time
     if nproc == 1:
         cmd = [sys.executable, "-m", "moe_erc", "train", "--debug", *args]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "moe_erc.train", *args]
+        cmd = [*_torchrun(nproc), "-m", "moe_erc.train", *args]
+    return _run(cmd, run_dir.parent, nproc, timeout, expect_success)
+
+
+def run_worker(script: str, nproc: int = 2, timeout: int = 240) -> list[dict]:
+    """Run ``tests/workers/<script>`` under torchrun; return the JSON lines every rank printed."""
+    proc = _run([*_torchrun(nproc), str(REPO / "tests" / "workers" / script)], REPO, nproc, timeout, True)
+    lines = (proc.stdout + "\n" + proc.stderr).splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def _torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
+
+
+def _run(cmd, cwd, nproc, timeout, expect_success) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1" if nproc > 1 else os.environ.get("OMP_NUM_THREADS", "2")}
-    proc = subprocess.run(cmd, cwd=run_dir.parent, env=env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if expect_success and proc.returncode != 0:
-        raise AssertionError(f"training failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(f"{cmd[-1]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
 
 
