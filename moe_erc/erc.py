@@ -97,7 +97,7 @@ class _GateSquaredNorms(torch.autograd.Function):
         p = proxies.float()
         need_p, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:])
         grad_p = torch.zeros_like(p) if need_p else None
-        grad_stacked = torch.zeros_like(stacked) if ctx.has_stacked and need_w else None
+        grad_stacked = torch.empty_like(stacked) if ctx.has_stacked and need_w else None
         grad_weights = [None] * len(weights)
         for first, count, w in _as_chunks(gate, n):
             wf = w.float()
@@ -106,11 +106,12 @@ class _GateSquaredNorms(torch.autograd.Function):
             if need_p:
                 grad_p.addmm_(g, wf)
             if need_w:
-                gw = (g.t() @ p).to(w.dtype)  # [c*D, d]
-                if ctx.has_stacked:
-                    grad_stacked[first:first + count] = gw.view(count, -1, p.shape[1])
+                if ctx.has_stacked and grad_stacked.dtype == torch.float32:  # written in place: no chunk copy
+                    torch.mm(g.t(), p, out=grad_stacked[first:first + count].view(-1, p.shape[1]))
+                elif ctx.has_stacked:
+                    grad_stacked[first:first + count] = (g.t() @ p).view(count, -1, p.shape[1])
                 else:
-                    grad_weights[first] = gw
+                    grad_weights[first] = (g.t() @ p).to(w.dtype)  # [D, d]
         if grad_p is not None:
             grad_p = grad_p.to(proxies.dtype)
         return (grad_p, grad_stacked, *grad_weights)
@@ -125,9 +126,46 @@ def gate_squared_norms(proxies: torch.Tensor, gate_weight: GateWeights) -> torch
     return _GateSquaredNorms.apply(proxies, None, *gate_weight)
 
 
+def norms_from_squares(squared: torch.Tensor) -> torch.Tensor:
+    """``sqrt`` that stays differentiable at 0 (an unused expert) and keeps only its result for backward."""
+    return (squared + 1e-30).sqrt()
+
+
 def activation_matrix(proxies: torch.Tensor, gate_weight: GateWeights) -> torch.Tensor:
     """``[n, d]``, ``[m, D, d]`` -> ``M`` ``[n, m]`` with ``M[i, j] = ||gate_weight[j] @ proxies[i]||_2``."""
-    return gate_squared_norms(proxies, gate_weight).clamp_min(1e-30).sqrt()
+    return norms_from_squares(gate_squared_norms(proxies, gate_weight))
+
+
+def _violations(M: torch.Tensor, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, n]`` hinge arguments of both constraints, diagonal masked to 0 (each ``[i, j]`` pairs with i's
+    own entry): ``M[i, j] - alpha M[i, i]`` (specialisation) and ``M[j, i] - alpha M[i, i]`` (precision)."""
+    n = M.shape[0]
+    own = alpha * M.diagonal().unsqueeze(1)
+    off = ~torch.eye(n, dtype=torch.bool, device=M.device)
+    return (M - own).masked_fill(~off, 0.0), (M.t() - own).masked_fill(~off, 0.0)
+
+
+class _ERCHinge(torch.autograd.Function):
+    """The hinge loss keeping only ``M`` for backward (masks are recomputed: O(n^2) either way, but one
+    ``[n, n]`` tensor instead of five)."""
+
+    @staticmethod
+    def forward(ctx, M, alpha):
+        ctx.alpha = alpha
+        ctx.save_for_backward(M)
+        specialisation, precision = _violations(M, alpha)
+        return (specialisation.clamp_min(0).sum() + precision.clamp_min(0).sum()) / M.shape[0] ** 2
+
+    @staticmethod
+    def backward(ctx, grad):
+        (M,) = ctx.saved_tensors
+        n, alpha = M.shape[0], ctx.alpha
+        specialisation, precision = _violations(M, alpha)
+        active_s = (specialisation > 0).to(M.dtype)  # d/dM[i, j] and -alpha d/dM[i, i]
+        active_p = (precision > 0).to(M.dtype)       # d/dM[j, i] and -alpha d/dM[i, i]
+        grad_m = active_s + active_p.t()
+        grad_m.diagonal().sub_(alpha * (active_s.sum(1) + active_p.sum(1)))
+        return (grad_m * (grad / n**2)).to(M.dtype), None
 
 
 def erc_loss_from_matrix(M: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -139,11 +177,7 @@ def erc_loss_from_matrix(M: torch.Tensor, alpha: float) -> torch.Tensor:
     n = M.shape[0]
     if M.shape != (n, n):
         raise ValueError(f"M must be square [n, n], got {tuple(M.shape)}")
-    diagonal = M.diagonal().unsqueeze(1)  # [n, 1]: M[i, i] for row i
-    off = ~torch.eye(n, dtype=torch.bool, device=M.device)
-    specialisation = torch.relu(M - alpha * diagonal)     # [i, j]: M[i, j] - alpha M[i, i]
-    precision = torch.relu(M.t() - alpha * diagonal)      # [i, j]: M[j, i] - alpha M[i, i]
-    return ((specialisation + precision) * off).sum() / (n * n)
+    return _ERCHinge.apply(M, float(alpha))
 
 
 @torch.no_grad()

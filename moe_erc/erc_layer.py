@@ -129,7 +129,7 @@ def distributed_activation_matrix(proxies: torch.Tensor, local_gate: list[torch.
         squared = _ScaledGradSum.apply(squared, None, expert_grad_scale)
     if _size(expert_tp_group) > 1:
         squared = reduce_from_tensor_model_parallel_region(squared, group=expert_tp_group)
-    local_m = squared.clamp_min(1e-30).sqrt()
+    local_m = erc.norms_from_squares(squared)
     if _size(ep_group) > 1:
         gathered = gather_from_sequence_parallel_region(local_m.t().contiguous(), tensor_parallel_output_grad=False,
                                                         group=ep_group)  # [n_experts, n]
@@ -212,8 +212,9 @@ class ERCRouter(TopKRouter):
         step = current_training_step()
         if self.training and torch.is_grad_enabled() and self._experts_ref and self._erc_step != step:
             self._erc_step = step
-            M, eps = self.erc_matrix(step)
-            loss = erc.erc_loss_from_matrix(M, self.erc_config.alpha)
+            with torch.autograd.profiler.record_function("moe_erc.erc_loss"):  # a named span in profiles
+                M, eps = self.erc_matrix(step)
+                loss = erc.erc_loss_from_matrix(M, self.erc_config.alpha)
             self.erc_stats = {"erc_loss": loss.detach(), "erc_margin": erc.diagonal_margin(M),
                               "eps_mean": eps.mean(), "eps_min": eps.min(), "eps_max": eps.max()}
             coeff = self.erc_config.coeff
