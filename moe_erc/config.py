@@ -211,6 +211,8 @@ def _value_problems(cfg: Config):
     if cfg.erc.enabled and moe.router != "topk":
         yield (f"erc.enabled=true needs a router matrix, but moe.router={moe.router} has none; "
                f"use moe.router=topk or set erc.enabled=false")
+    if moe.router != "topk":
+        yield f"moe.router={moe.router} is not implemented yet (only 'topk' is); remove the override"
     if not 0.0 <= o.min_lr <= o.lr:
         yield f"optimizer.min_lr={o.min_lr} must be between 0 and optimizer.lr={o.lr}"
     if o.lr_warmup_iters < 0:

@@ -45,6 +45,7 @@ def test_tiny_config_matches_the_issue_shape():
     (["erc.alpha=-1"], "erc.alpha=-1.0 must be >= 0"),
     (["moe.router=kmeans", "erc.enabled=true"], "needs a router matrix"),
     (["moe.router=magic"], "moe.router"),
+    (["moe.router=aoe"], "moe.router=aoe is not implemented yet"),
     (["model.hidden_size=100", "model.num_attention_heads=3"], "not divisible"),
     (["training.micro_batch_size=0"], "training.micro_batch_size=0 must be >= 1"),
     (["data.split=9,x"], "data.split"),
