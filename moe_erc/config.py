@@ -65,6 +65,12 @@ class MoEConfig(_Group):
     moe_grouped_gemm: bool = False
     moe_expert_capacity_factor: Optional[float] = None
     moe_router_dtype: Optional[Literal["fp32", "fp64"]] = "fp32"
+    # Autonomy-of-Experts (router: aoe): rank r of each expert's factorised gate (default hidden/3) and the
+    # expert width D' (default: chosen so total parameters match the router + expert MoE).
+    aoe_rank: Optional[int] = None
+    aoe_ffn_hidden_size: Optional[int] = None
+    # Online K-Means (router: kmeans): EMA momentum of the per-expert centroids.
+    kmeans_momentum: float = 0.99
 
 
 class ERCConfig(_Group):
@@ -211,8 +217,13 @@ def _value_problems(cfg: Config):
     if cfg.erc.enabled and moe.router != "topk":
         yield (f"erc.enabled=true needs a router matrix, but moe.router={moe.router} has none; "
                f"use moe.router=topk or set erc.enabled=false")
-    if moe.router != "topk":
-        yield f"moe.router={moe.router} is not implemented yet (only 'topk' is); remove the override"
+    if moe.router == "kmeans" and moe.moe_router_load_balancing_type != "none":
+        yield ("moe.router=kmeans has no parameters a balancing loss could train; set "
+               "moe.moe_router_load_balancing_type=none (and moe.moe_router_enable_expert_bias=true to balance)")
+    if not 0.0 <= moe.kmeans_momentum < 1.0:
+        yield f"moe.kmeans_momentum={moe.kmeans_momentum} must be in [0, 1)"
+    if moe.aoe_rank is not None and not 0 < moe.aoe_rank <= m.hidden_size:
+        yield f"moe.aoe_rank={moe.aoe_rank} must be in 1..model.hidden_size={m.hidden_size}"
     if not 0.0 <= o.min_lr <= o.lr:
         yield f"optimizer.min_lr={o.min_lr} must be between 0 and optimizer.lr={o.lr}"
     if o.lr_warmup_iters < 0:

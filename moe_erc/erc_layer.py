@@ -234,17 +234,6 @@ def router_class(erc_config: ERCConfig, seed: int) -> type:
     return type("ERCRouter", (ERCRouter,), {"erc_config": erc_config, "base_seed": seed})
 
 
-def attach_experts(model: torch.nn.Module) -> int:
-    """Give every :class:`ERCRouter` in ``model`` its layer's experts. Returns how many were wired."""
-    count = 0
-    for module in model.modules():
-        router = getattr(module, "router", None)
-        if isinstance(router, ERCRouter) and getattr(module, "experts", None) is not None:
-            router.attach_experts(module.experts)
-            count += 1
-    return count
-
-
 def erc_layer_stats(model_chunks, num_layers: int) -> dict[str, list[float]]:
     """Per-layer ERC statistics of the last step (``num_layers`` entries, NaN where no MoE layer).
     Collective over the pipeline group (each stage holds its own layers)."""

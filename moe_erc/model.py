@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from moe_erc.compat import import_megatron
 from moe_erc.config import Config
-from moe_erc.erc_layer import attach_experts, router_class
+from moe_erc import routers
 
 import_megatron()
 from megatron.core import parallel_state  # noqa: E402
@@ -113,8 +113,9 @@ def build_model(cfg: Config, tf_config: TransformerConfig, vocab_size: int) -> G
     """GPTModel for this pipeline stage. ``vocab_size`` is the padded size (:func:`padded_vocab_size`)."""
     use_te = have_transformer_engine()
     block_spec = get_gpt_decoder_block_spec(tf_config, use_transformer_engine=use_te)
-    if cfg.erc.enabled:
-        _use_router(block_spec, router_class(cfg.erc, cfg.training.seed))
+    router, experts = routers.router_and_experts(cfg)
+    if router is not None or experts is not None:
+        _use_moe_classes(block_spec, router, experts)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     model = GPTModel(
@@ -128,8 +129,7 @@ def build_model(cfg: Config, tf_config: TransformerConfig, vocab_size: int) -> G
         position_embedding_type=cfg.model.position_embedding_type,
         rotary_base=cfg.model.rotary_base,
     )
-    if cfg.erc.enabled and attach_experts(model) == 0 and _has_moe_layers(block_spec):
-        raise RuntimeError("ERC is enabled but no MoE layer was wired to its experts")
+    routers.wire(model)
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model
@@ -146,16 +146,15 @@ def _moe_submodules(layer_spec):
     return submodules if hasattr(submodules, "router") else None
 
 
-def _has_moe_layers(block_spec) -> bool:
-    return any(_moe_submodules(spec) is not None for spec in block_spec.layer_specs)
-
-
-def _use_router(block_spec, router) -> None:
-    """Swap the router class in every MoE layer spec (megatron's plug-in point; no MoELayer subclass)."""
+def _use_moe_classes(block_spec, router, experts) -> None:
+    """Swap router / expert classes in every MoE layer spec (megatron's plug-in point; no MoELayer subclass)."""
     for spec in block_spec.layer_specs:
         submodules = _moe_submodules(spec)
         if submodules is not None:
-            submodules.router = router
+            if router is not None:
+                submodules.router = router
+            if experts is not None:
+                submodules.experts = experts
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -18,7 +18,7 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from moe_erc import checkpoint, parallel
+from moe_erc import checkpoint, parallel, routers
 from moe_erc.compat import prepare_runtime
 from moe_erc.config import Config, data_parallel_size
 from moe_erc.data.corpus import prepare_embedded_corpus
@@ -192,6 +192,7 @@ class Trainer:
         )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         updated, grad_norm, _ = self.optimizer.step()
+        routers.after_optimizer_step(self.model)
         self.scheduler.step(increment=1)
         return {
             "lm_loss": self._reduce_lm_loss(losses),

@@ -1,0 +1,54 @@
+"""Which router (and experts) each MoE layer uses, chosen by ``moe.router`` and ``erc.enabled``.
+
+megatron-core builds every MoE layer from a spec; this package swaps the router class in that spec
+(and, for Autonomy-of-Experts, the expert class), wires routers to their layer's experts after the
+model is built, and runs the per-step router updates that happen outside autograd.
+
+| ``moe.router`` | router | experts |
+|---|---|---|
+| ``topk`` | megatron's ``TopKRouter`` (``ERCRouter`` with ``erc.enabled``) | megatron's |
+| ``kmeans`` | :class:`moe_erc.routers.kmeans.KMeansRouter` (parameter-free) | megatron's |
+| ``aoe`` | :class:`moe_erc.routers.aoe.AoERouter` (scores from expert gates) | :class:`AoEExperts` |
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_erc.config import Config
+
+
+def router_and_experts(cfg: Config):
+    """(router class or None to keep megatron's, experts class or None to keep megatron's)."""
+    if cfg.moe.router == "kmeans":
+        from moe_erc.routers.kmeans import KMeansRouter
+
+        return KMeansRouter, None
+    if cfg.moe.router == "aoe":
+        from moe_erc.routers.aoe import aoe_classes
+
+        return aoe_classes(cfg)
+    if cfg.erc.enabled:
+        from moe_erc.erc_layer import router_class
+
+        return router_class(cfg.erc, cfg.training.seed), None
+    return None, None
+
+
+def wire(model: torch.nn.Module) -> None:
+    """After construction: hand routers that need them references to their layer's experts."""
+    for module in model.modules():
+        router = getattr(module, "router", None)
+        experts = getattr(module, "experts", None)
+        if router is not None and experts is not None and hasattr(router, "attach_experts"):
+            router.attach_experts(experts)
+
+
+@torch.no_grad()
+def after_optimizer_step(model_chunks) -> None:
+    """Updates that are not gradients (K-Means centroids), once per step, on every rank (collective)."""
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            update = getattr(module, "update_after_step", None)
+            if update is not None:
+                update()
