@@ -63,17 +63,14 @@ def initialize(cfg: Config, device: str) -> Topology:
     rank, world_size, local_rank = launch_environment()
     check_layout(cfg, world_size, device)
     if not dist.is_initialized():
-        if world_size == 1 and "MASTER_ADDR" not in os.environ:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-            os.environ["MASTER_PORT"] = str(_free_port())
+        if world_size == 1:  # a private store; never inherit (or leak to children) a launcher's port
+            address = f"tcp://127.0.0.1:{_free_port()}"
+        else:
+            address = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         if device == "cuda":
             torch.cuda.set_device(local_rank)
-        dist.init_process_group(
-            backend="nccl" if device == "cuda" else "gloo",
-            rank=rank,
-            world_size=world_size,
-            init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
-        )
+        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=rank,
+                                world_size=world_size, init_method=address)
     p = cfg.parallel
     tp = p.tensor_model_parallel_size
     parallel_state.initialize_model_parallel(

@@ -36,12 +36,17 @@ def router_and_experts(cfg: Config):
 
 
 def wire(model: torch.nn.Module) -> None:
-    """After construction: hand routers that need them references to their layer's experts."""
+    """After construction: cross-references inside each MoE layer (plain references, not submodules):
+    ERC routers read their experts' gate weights, AoE experts read their router's cache and ``Wdown``."""
     for module in model.modules():
         router = getattr(module, "router", None)
         experts = getattr(module, "experts", None)
-        if router is not None and experts is not None and hasattr(router, "attach_experts"):
+        if router is None or experts is None:
+            continue
+        if hasattr(router, "attach_experts"):
             router.attach_experts(experts)
+        if hasattr(experts, "attach_router"):
+            experts.attach_router(router)
 
 
 @torch.no_grad()

@@ -1,0 +1,168 @@
+"""Autonomy-of-Experts (AoE, arXiv 2501.13074): experts choose tokens by the size of their own gate.
+
+There is no router matrix. Expert i's gate projection is factorised ``Wg_i = Wdown_i [d, r] @ Wup_i [r, D']``.
+Every token computes ``x @ Wdown`` for all experts in one GEMM (``[T, d] @ [d, n*r]``); expert i's score
+is the L2 norm of its ``r``-slice; the top-K experts get the token, with softmax gates over the selected
+scores (megatron's top-k routing on the norms, so its load-balancing and z-losses apply to them). A selected
+expert continues from the cached low-rank activation: ``SiLU(low_i @ Wup_i) * (x @ Wp_i) @ Wo_i``.
+
+Where the activations live:
+
+* ``AoERouter`` owns all experts' ``Wdown`` (``[n*r, d]``), replicated on every rank like a router weight,
+  because every token is scored on the rank that holds it.
+* ``AoEExperts`` owns ``Wup``, ``Wp``, ``Wo`` of its local experts (expert-parallel like any expert).
+* The cached ``[T, n*r]`` activation is reused when the experts see exactly the router's tokens (one
+  rank per expert group: EP = 1 and TP = 1). Otherwise tokens arrive from other ranks without their
+  cache and the expert recomputes ``x @ Wdown_i`` (2 d r FLOPs per token and selected expert).
+
+What EP costs AoE: ``Wdown`` of all ``n`` experts on every rank (``n d r`` parameters per layer, e.g. 1/3
+of every expert's gate with the default ``r = d/3``) and their DP gradient all-reduce; the all-expert
+scoring GEMM (``2 T n d r`` FLOPs, growing with tokens); and the recomputation above.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moe_erc.compat import import_megatron
+from moe_erc.config import Config
+
+import_megatron()
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.dist_checkpointing.mapping import ShardedTensor  # noqa: E402
+from megatron.core.transformer.module import MegatronModule  # noqa: E402
+from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
+
+
+def aoe_rank(cfg: Config) -> int:
+    return cfg.moe.aoe_rank or max(1, cfg.model.hidden_size // 3)
+
+
+def aoe_width(cfg: Config) -> int:
+    """``D'`` so that an AoE expert (``d r + r D' + 2 d D'``) has the parameters of a router row plus a
+    SwiGLU expert (``d + 3 d D``) of the router MoE."""
+    if cfg.moe.aoe_ffn_hidden_size:
+        return cfg.moe.aoe_ffn_hidden_size
+    d, r = cfg.model.hidden_size, aoe_rank(cfg)
+    D = cfg.moe.moe_ffn_hidden_size or cfg.model.ffn_hidden_size or 4 * d
+    return max(1, round((d + 3 * d * D - d * r) / (r + 2 * d)))
+
+
+class AoERouter(TopKRouter):
+    """Scores = norms of each expert's low-rank gate activation; top-K and losses from megatron."""
+
+    rank: int = 1
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        del self.weight  # no router matrix: the experts' down projections replace it
+        n, d = self.config.num_moe_experts, self.config.hidden_size
+        self.down = torch.nn.Parameter(torch.empty(n * self.rank, d, dtype=self.config.params_dtype))
+        if self.config.perform_initialization:
+            self.config.init_method(self.down)
+        # Replicated on every rank like a router weight; under sequence parallelism each TP rank sees
+        # different tokens, so finalize_model_grads must sum its gradient over TP (what this marks).
+        setattr(self.down, "sequence_parallel", self.config.sequence_parallel)
+        self.cached_low = None
+        self.cached_routing_map = None
+
+    def reset_parameters(self):  # the base class initialises a weight this router does not keep
+        if hasattr(self, "weight"):
+            super().reset_parameters()
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """``[T, d] -> [T, n]`` scores ``||x Wdown_i||``; caches ``x Wdown`` ``[T, n*r]`` for the experts."""
+        low = input.reshape(-1, input.shape[-1]) @ self.down.to(input.dtype).t()
+        self.cached_low = low
+        return low.view(low.shape[0], self.config.num_moe_experts, self.rank).float().norm(dim=-1)
+
+    def forward(self, input: torch.Tensor, padding_mask=None):
+        probs, routing_map = super().forward(input, padding_mask=padding_mask)
+        self.cached_routing_map = routing_map
+        return probs, routing_map
+
+
+class AoEExperts(MegatronModule):
+    """The local experts' ``Wup [r, D']``, ``Wp [D', d]``, ``Wo [d, D']`` (torch Linear layouts, stacked)."""
+
+    rank: int = 1
+    width: int = 1
+
+    def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None, **_):
+        super().__init__(config=config)
+        if parallel_state.get_expert_tensor_parallel_world_size() != 1:
+            raise ValueError("moe.router=aoe needs parallel.expert_tensor_parallel_size=1")
+        self.num_local_experts = num_local_experts
+        d, r, w = config.hidden_size, self.rank, self.width
+        dtype = config.params_dtype
+        self.up_gate = torch.nn.Parameter(torch.empty(num_local_experts, w, r, dtype=dtype))
+        self.up_proj = torch.nn.Parameter(torch.empty(num_local_experts, w, d, dtype=dtype))
+        self.down_proj = torch.nn.Parameter(torch.empty(num_local_experts, d, w, dtype=dtype))
+        if config.perform_initialization:
+            # Per EP rank stream, as megatron does for its experts (different experts on different ranks).
+            from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
+
+            with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
+                config.init_method(self.up_gate)
+                config.init_method(self.up_proj)
+                config.output_layer_init_method(self.down_proj)
+        for param in self.parameters():
+            param.allreduce = False  # expert parameter: megatron DDP reduces it over expert-DP only
+        self._router_ref: tuple = ()
+
+    def attach_router(self, router: AoERouter) -> None:
+        self._router_ref = (router,)
+
+    def _low_rank(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> list[torch.Tensor]:
+        """``x Wdown_e`` for each local expert's tokens: from the router's cache when these are exactly
+        the router's tokens in megatron's permutation order (expert-major), else recomputed."""
+        router = self._router_ref[0]
+        r, first = self.rank, parallel_state.get_expert_model_parallel_rank() * self.num_local_experts
+        cache, routing_map = router.cached_low, router.cached_routing_map
+        router.cached_low = router.cached_routing_map = None  # read once; do not keep it alive
+        reuse = (cache is not None and routing_map is not None
+                 and parallel_state.get_expert_model_parallel_world_size() == 1
+                 and parallel_state.get_tensor_model_parallel_world_size() == 1
+                 and routing_map.sum(0).tolist() == tokens_per_expert)
+        pieces = []
+        for e, chunk in enumerate(torch.split(hidden, tokens_per_expert)):
+            g = first + e
+            if reuse:
+                rows = routing_map[:, g].nonzero().squeeze(1)
+                pieces.append(cache[rows, g * r:(g + 1) * r])
+            else:
+                pieces.append(chunk @ router.down[g * r:(g + 1) * r].to(chunk.dtype).t())
+        return pieces
+
+    def forward(self, hidden: torch.Tensor, tokens_per_expert, permuted_probs: torch.Tensor, **_):
+        counts = [int(c) for c in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert)
+                                   else tokens_per_expert)]
+        lows = self._low_rank(hidden, counts)
+        outputs = []
+        for e, (x, low, probs) in enumerate(zip(torch.split(hidden, counts), lows,
+                                               torch.split(permuted_probs, counts))):
+            gate = F.silu(low @ self.up_gate[e].t())                 # [N_e, D']
+            inner = gate * (x @ self.up_proj[e].t()) * probs.unsqueeze(-1).to(x.dtype)
+            outputs.append(inner @ self.down_proj[e].t())            # [N_e, d]
+        return torch.cat(outputs, dim=0) if outputs else hidden.new_zeros(0, hidden.shape[-1]), None
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Stacked local experts -> the global ``[n, ...]`` tensors, split over EP, replicated over expert-DP."""
+        ep_rank = parallel_state.get_expert_model_parallel_rank()
+        ep_size = parallel_state.get_expert_model_parallel_world_size()
+        replica = (0, 0, parallel_state.get_expert_data_parallel_rank())
+        out = {}
+        for name, param in self.named_parameters():
+            out[f"{prefix}{name}"] = ShardedTensor.from_rank_offsets(
+                f"{prefix}{name}", param, *sharded_offsets, (len(sharded_offsets), ep_rank, ep_size),
+                replica_id=replica, prepend_axis_num=len(sharded_offsets))
+        return out
+
+
+def aoe_classes(cfg: Config):
+    """(router class, experts class) bound to this config's rank and width."""
+    r, width = aoe_rank(cfg), aoe_width(cfg)
+    router = type("AoERouter", (AoERouter,), {"rank": r})
+    experts = type("AoEExperts", (AoEExperts,), {"rank": r, "width": width})
+    return router, experts
