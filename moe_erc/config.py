@@ -146,7 +146,12 @@ class LoggingConfig(_Group):
     wandb: bool = False
     wandb_project: str = "moe-erc"
     wandb_mode: Literal["offline", "online", "disabled"] = "offline"
-    progress: bool = True  # the live progress line on a terminal
+    progress: bool = True  # the progress line on the console
+    routing_trace: bool = False  # write routing_trace.jsonl: top-K expert ids of sampled tokens
+    trace_interval: int = 100  # steps between traced steps
+    trace_tokens: int = 64  # tokens traced per layer and traced step
+    coupling_tokens: int = 256  # tokens per validation micro-batch used for the coupling score
+    max_scalars: int = 256  # cap on scalar keys per record in TensorBoard/wandb (per-layer ones dropped first)
 
 
 class CheckpointConfig(_Group):

@@ -60,6 +60,7 @@ class MetricsWriter:
 
     def __init__(self, cfg: Config, run_dir: Path, enabled: bool):
         self.enabled = enabled
+        self.max_scalars = cfg.logging.max_scalars
         self._jsonl = None
         self._tb = None
         self._wandb = None
@@ -82,18 +83,31 @@ class MetricsWriter:
             return
         record = {"step": step, "split": split, "time": round(time.time(), 3), **scalars}
         self._jsonl.write(json.dumps(record) + "\n")
-        flat = {}
-        for key, value in scalars.items():
-            if isinstance(value, list):  # per-layer values: one scalar per layer under key/
-                flat.update({f"{key}/layer_{i + 1}": v for i, v in enumerate(value)})
-            else:
-                flat[key] = value
-        flat = {k: v for k, v in flat.items() if isinstance(v, (int, float)) and math.isfinite(v)}
+        scalars_out, histograms = self._flatten(scalars)
         if self._tb is not None:
-            for key, value in flat.items():
+            for key, value in scalars_out.items():
                 self._tb.add_scalar(f"{split}/{key}", value, step)
+            for key, values in histograms.items():
+                self._tb.add_histogram(f"{split}/{key}", torch.tensor(values), step)
         if self._wandb is not None:
-            self._wandb.log({f"{split}/{k}": v for k, v in flat.items()}, step=step)
+            self._wandb.log({f"{split}/{k}": v for k, v in scalars_out.items()}, step=step)
+
+    def _flatten(self, scalars: dict) -> tuple[dict[str, float], dict[str, list]]:
+        """Scalars (per-layer lists become ``key/layer_k`` while under ``logging.max_scalars``) and
+        per-expert tables as one histogram per layer."""
+        plain, per_layer, histograms = {}, {}, {}
+        for key, value in scalars.items():
+            if isinstance(value, list) and value and any(isinstance(v, list) for v in value):
+                histograms.update({f"{key}/layer_{i + 1}": v for i, v in enumerate(value) if v})
+            elif isinstance(value, list):
+                per_layer.update({f"{key}/layer_{i + 1}": v for i, v in enumerate(value)})
+            else:
+                plain[key] = value
+        if len(plain) + len(per_layer) <= self.max_scalars:
+            plain.update(per_layer)
+        finite = {k: v for k, v in plain.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        return dict(list(finite.items())[: self.max_scalars]), histograms
 
     def close(self) -> None:
         if self._jsonl is not None:

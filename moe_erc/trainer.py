@@ -26,6 +26,7 @@ from moe_erc.data.datasets import build_dataloader, build_gpt_datasets, check_in
 from moe_erc.data.tokenizer import resolve_tokenizer
 from moe_erc.erc_layer import erc_layer_stats, set_training_step
 from moe_erc.errors import DataError, UserError
+from moe_erc.instruments import RoutingMonitor, layer_summaries
 from moe_erc.metrics import MetricsWriter, Progress, clear_moe_layer_metrics, moe_layer_metrics
 from moe_erc.model import build_model, count_parameters, padded_vocab_size, resolve_precision, transformer_config
 from moe_erc.optim import build_optimizer, build_scheduler, wrap_ddp
@@ -56,12 +57,6 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), mask.sum()])
     return loss_sum, num_tokens, {"lm loss": report}
-
-
-def _forward_step(data_iterator: Iterator[dict], model):
-    batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    return output, partial(_loss_func, batch["loss_mask"])
 
 
 class Trainer:
@@ -114,6 +109,12 @@ class Trainer:
         self.consumed_samples = 0
         self._maybe_resume()
         self.writer = MetricsWriter(cfg, self.run_dir, enabled=self.is_logger)
+        log = cfg.logging
+        self.monitor = RoutingMonitor(self.model, cfg.model.num_layers, cfg.moe.num_experts,
+                                      run_dir=self.run_dir if log.routing_trace else None,
+                                      trace_interval=log.trace_interval if log.routing_trace else 0,
+                                      trace_tokens=log.trace_tokens, coupling_tokens=log.coupling_tokens,
+                                      seed=t.seed)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -162,6 +163,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
 
+    def _forward_step(self, data_iterator: Iterator[dict], model):
+        batch = next(data_iterator)
+        self.monitor.set_batch(self.step, batch["tokens"])
+        output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        return output, partial(_loss_func, batch["loss_mask"])
+
     def _data_iterator(self, dataset, consumed_samples: int):
         return iter(build_dataloader(dataset, self.cfg.training.micro_batch_size, self.topo.dp_rank,
                                      self.dp, consumed_samples=consumed_samples,
@@ -181,8 +188,9 @@ class Trainer:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         set_training_step(self.step)
+        self.monitor.step_counts.zero_()  # MaxVio is per batch
         losses = self.forward_backward(
-            forward_step_func=_forward_step,
+            forward_step_func=self._forward_step,
             data_iterator=data_iterator,
             model=self.model,
             num_microbatches=self.num_microbatches,
@@ -208,16 +216,18 @@ class Trainer:
             return None
         for chunk in self.model:
             chunk.eval()
+        self.monitor.start_validation()
         iterator = self._data_iterator(self.valid_ds, 0)
         losses = []
         for _ in range(self.cfg.training.eval_iters):
             losses += self.forward_backward(
-                forward_step_func=_forward_step, data_iterator=iterator, model=self.model,
+                forward_step_func=self._forward_step, data_iterator=iterator, model=self.model,
                 num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
                 micro_batch_size=self.cfg.training.micro_batch_size, forward_only=True)
         clear_moe_layer_metrics()
         for chunk in self.model:
             chunk.train()
+        self._valid_instruments = layer_summaries(self.monitor.valid_stats())
         return self._reduce_lm_loss(losses)
 
     def save(self) -> Path:
@@ -253,15 +263,8 @@ class Trainer:
                 elapsed = time.perf_counter() - window_start
                 scalars["tokens_per_s"] = tokens_per_step * window_steps / elapsed
                 scalars["step_time_s"] = elapsed / window_steps
-                for name, per_layer in moe_layer_metrics(1.0 / self.num_microbatches).items():
-                    scalars[name] = sum(per_layer) / max(len([v for v in per_layer if v]), 1)
-                if cfg.erc.enabled:
-                    scalars.update(self._erc_scalars())
-                self.writer.write(self.step, "train", scalars)
+                self._log_train(scalars, progress)
                 summary["train_loss"] = scalars["lm_loss"]
-                shown = {"lb": "load_balancing_loss", "erc": "erc_loss", "eps": "eps_mean"}
-                progress.print(progress.line(self.step, scalars["lm_loss"], scalars["lr"], scalars["tokens_per_s"],
-                                             {k: scalars[v] for k, v in shown.items() if v in scalars}))
                 window_start, window_steps = time.perf_counter(), 0
             else:
                 clear_moe_layer_metrics()
@@ -274,6 +277,19 @@ class Trainer:
         self._say(f"done: step {self.step}, checkpoint {final_dir}, metrics {self.run_dir / 'metrics.jsonl'}")
         summary.update(step=self.step, checkpoint=str(final_dir), run_dir=str(self.run_dir))
         return summary
+
+    def _log_train(self, scalars: dict, progress: Progress) -> None:
+        """Everything a log step reports: LM, load-balancing/z losses, routing load, ERC (collective)."""
+        for name, per_layer in moe_layer_metrics(1.0 / self.num_microbatches).items():
+            scalars[name] = sum(per_layer) / max(len([v for v in per_layer if v]), 1)
+        scalars.update(layer_summaries(self.monitor.train_stats(end_of_window=True)))
+        if self.cfg.erc.enabled:
+            scalars.update(self._erc_scalars())
+        self.writer.write(self.step, "train", scalars)
+        shown = {"lb": "load_balancing_loss", "maxvio": "maxvio", "dead": "dead_experts", "erc": "erc_loss",
+                 "eps": "eps_mean"}
+        progress.print(progress.line(self.step, scalars["lm_loss"], scalars["lr"], scalars["tokens_per_s"],
+                                     {k: scalars[v] for k, v in shown.items() if scalars.get(v) is not None}))
 
     def _erc_scalars(self) -> dict:
         """Mean over MoE layers of each ERC statistic (min for the margin), plus the per-layer lists."""
@@ -289,7 +305,8 @@ class Trainer:
     def _run_eval(self) -> Optional[float]:
         loss = self.evaluate()
         if loss is not None:
-            self.writer.write(self.step, "valid", {"lm_loss": loss, "ppl": math.exp(min(loss, 50))})
+            self.writer.write(self.step, "valid", {"lm_loss": loss, "ppl": math.exp(min(loss, 50)),
+                                                   **self._valid_instruments})
             self._say(f"validation at step {self.step}: loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.1f}")
         return loss
 
@@ -304,6 +321,7 @@ class Trainer:
                 f" | run dir {self.run_dir}")
 
     def close(self) -> None:
+        self.monitor.close()
         self.writer.close()
 
 

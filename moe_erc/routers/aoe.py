@@ -147,6 +147,18 @@ class AoEExperts(MegatronModule):
             outputs.append(inner @ self.down_proj[e].t())            # [N_e, d]
         return torch.cat(outputs, dim=0) if outputs else hidden.new_zeros(0, hidden.shape[-1]), None
 
+    @torch.no_grad()
+    def gate_activation_norms(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``[N, d] -> [N, m_local]`` norms of each local expert's gate pre-activation ``(x Wdown_e) Wup_e``."""
+        router, r = self._router_ref[0], self.rank
+        first = parallel_state.get_expert_model_parallel_rank() * self.num_local_experts
+        norms = []
+        for e in range(self.num_local_experts):
+            g = first + e
+            low = hidden @ router.down[g * r:(g + 1) * r].float().t()
+            norms.append((low @ self.up_gate[e].float().t()).norm(dim=-1))
+        return torch.stack(norms, dim=1)
+
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """Stacked local experts -> the global ``[n, ...]`` tensors, split over EP, replicated over expert-DP."""
         ep_rank = parallel_state.get_expert_model_parallel_rank()
