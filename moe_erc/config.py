@@ -222,6 +222,9 @@ def _value_problems(cfg: Config):
     if cfg.erc.enabled and moe.router != "topk":
         yield (f"erc.enabled=true needs a router matrix, but moe.router={moe.router} has none; "
                f"use moe.router=topk or set erc.enabled=false")
+    if moe.moe_router_topk == 1 and moe.moe_router_score_function == "softmax" and not moe.moe_router_pre_softmax:
+        yield ("moe.moe_router_topk=1 with softmax scores needs moe.moe_router_pre_softmax=true "
+               "(a softmax over one selected expert has zero gradient)")
     if moe.router == "kmeans" and moe.moe_router_load_balancing_type != "none":
         yield ("moe.router=kmeans has no parameters a balancing loss could train; set "
                "moe.moe_router_load_balancing_type=none (and moe.moe_router_enable_expert_bias=true to balance)")

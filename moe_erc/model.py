@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from moe_erc.compat import import_megatron
 from moe_erc.config import Config
+from moe_erc.errors import ConfigError
 from moe_erc import routers
 
 import_megatron()
@@ -53,6 +54,15 @@ def transformer_config(cfg: Config, precision: str = "fp32") -> TransformerConfi
     tp = p.tensor_model_parallel_size
     on_gpu = torch.cuda.is_available()
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
+    try:
+        return _megatron_transformer_config(cfg, precision, tp, on_gpu, ffn)
+    except (ValueError, AssertionError) as exc:  # megatron's own checks: one line for the user
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"megatron-core rejected the model configuration: {first_line}") from None
+
+
+def _megatron_transformer_config(cfg: Config, precision: str, tp: int, on_gpu: bool, ffn: int):
+    m, moe, p = cfg.model, cfg.moe, cfg.parallel
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,

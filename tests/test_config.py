@@ -47,6 +47,7 @@ def test_tiny_config_matches_the_issue_shape():
     (["moe.router=magic"], "moe.router"),
     (["moe.router=kmeans"], "set moe.moe_router_load_balancing_type=none"),
     (["moe.kmeans_momentum=1.5"], "moe.kmeans_momentum=1.5 must be in [0, 1)"),
+    (["moe.moe_router_topk=1"], "needs moe.moe_router_pre_softmax=true"),
     (["model.hidden_size=100", "model.num_attention_heads=3"], "not divisible"),
     (["training.micro_batch_size=0"], "training.micro_batch_size=0 must be >= 1"),
     (["data.split=9,x"], "data.split"),

@@ -1,0 +1,204 @@
+"""Online K-Means router (``moe.router: kmeans``; arXiv 2605.12476): parameter-free centroid routing.
+
+Each expert ``i`` keeps a unit centroid ``c_i`` (buffer ``centroids`` ``[n, d]`` fp32). A token ``x`` is
+compared with every centroid by cosine similarity ``s_i = <x/|x|, c_i>`` and goes to the top-K experts.
+
+* **Selection**: top-K of ``s`` (``s + expert_bias`` with ``moe.moe_router_enable_expert_bias``).
+* **Gates**: megatron's score function on ``logits = s / temperature`` at the selected experts
+  (``topk_routing_with_score_function`` with precomputed indices): with ``softmax`` (default) the gates are
+  ``softmax`` over the K selected ``s_i / temperature``; with ``sigmoid`` they are ``sigmoid(s_i / T)``
+  normalised over the K selected. The bias never enters the gates. Gates are differentiable with respect
+  to the hidden states (through the normalised ``x``); there is nothing to train in the router.
+* **Centroid update** (no gradient, once per optimizer step): training forwards accumulate, per expert,
+  the sum of the normalised hidden states routed to it and their count (over all micro-batches; eval and
+  no-grad forwards do not count). :meth:`KMeansRouter.update_after_step`, which the trainer calls on every
+  rank after ``optimizer.step()``, sums them over the ranks that hold different tokens of this layer
+  (TP x DP x CP: sequence parallelism splits tokens over TP), then for every expert that received tokens
+  ``c_i <- normalize(m c_i + (1 - m) mean_i)`` with ``m = moe.kmeans_momentum``. All ranks apply the
+  same update to the same centroids, so the centroids stay identical everywhere.
+* **Initialisation**: random unit vectors from a generator seeded by (``training.seed``, global layer
+  number): identical on every rank and independent of the parallel layout.
+* **Balancing**: subclassing megatron's ``TopKRouter`` brings its ``expert_bias`` /
+  ``local_tokens_per_expert`` buffers; ``finalize_model_grads`` updates the bias from the token counts
+  (aux-loss-free balancing, arXiv 2408.15664). megatron's ``TransformerConfig`` only accepts the expert
+  bias with ``moe_router_score_function: sigmoid``. Auxiliary losses are rejected by the config (there is
+  no parameter they could train); a z-loss (``moe_z_loss_coeff``) acts on ``s / temperature`` and so
+  only on the hidden states.
+* **Checkpoints**: ``centroids`` (and ``expert_bias``) are persistent buffers; megatron's default
+  ``sharded_state_dict`` saves them as replicated tensors and loading restores them in any layout.
+
+The router has no parameters: ``TopKRouter``'s ``weight`` is created (so the random stream, and with it
+every other initial weight, is the one a ``topk`` model with the same seed gets) and then deleted.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from moe_erc.compat import import_megatron
+
+import_megatron()
+from megatron.core import parallel_state  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import (  # noqa: E402
+    apply_router_token_dropping,
+    topk_routing_with_score_function,
+)
+from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
+
+
+def centroid_seed(base_seed: int, layer_number: int) -> int:
+    """Seed of layer ``layer_number``'s initial centroids: the same on every rank and in every layout."""
+    return (base_seed * 1_000_003 + layer_number * 7_919 + 17) % (2**63 - 1)
+
+
+def initial_centroids(num_experts: int, hidden_size: int, base_seed: int, layer_number: int) -> torch.Tensor:
+    """``[n, d]`` fp32 random unit vectors (CPU)."""
+    generator = torch.Generator().manual_seed(centroid_seed(base_seed, layer_number))
+    c = torch.randn(num_experts, hidden_size, generator=generator, dtype=torch.float64)
+    return F.normalize(c, dim=-1).float()
+
+
+def ema_update(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, momentum: float) -> torch.Tensor:
+    """New centroids: ``normalize(m c_i + (1 - m) sums_i / counts_i)`` where ``counts_i > 0``, else ``c_i``."""
+    seen = counts > 0
+    new = centroids.clone()
+    if bool(seen.any()):
+        mean = sums[seen] / counts[seen].unsqueeze(-1)
+        new[seen] = F.normalize(momentum * centroids[seen] + (1.0 - momentum) * mean, dim=-1)
+    return new
+
+
+class KMeansRouter(TopKRouter):
+    """Top-K by cosine similarity to per-expert EMA centroids of the routed (normalised) hidden states.
+
+    Built by megatron's ``MoELayer`` from the spec. Run settings are class attributes; use
+    :func:`kmeans_router_class` to bind them to a config.
+    """
+
+    momentum: float = 0.99  # moe.kmeans_momentum
+    temperature: float = 1.0  # gates: score function of cos / temperature
+    base_seed: int = 1234  # training.seed
+
+    def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False):
+        if pg_collection is None:
+            from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+
+            pg_collection = get_default_pg_collection()
+        super().__init__(config=config, pg_collection=pg_collection, is_mtp_layer=is_mtp_layer)
+        del self.weight  # parameter-free
+        if isinstance(getattr(self, "bias", None), torch.nn.Parameter):
+            del self.bias
+        self.bias = None
+        n, d = self.config.num_moe_experts, self.config.hidden_size
+        self.register_buffer("centroids", initial_centroids(n, d, self.base_seed, 0))
+        # Global tokens per expert of the last step (for logging; not saved).
+        self.register_buffer("tokens_per_expert", torch.zeros(n, dtype=torch.float32), persistent=False)
+        self._stats: Optional[torch.Tensor] = None  # [n, d + 1] fp32: sums | counts, this rank, this step
+        self._centroids_final = False  # True once trained or loaded: set_layer_number must not re-seed
+        if self.tp_dp_cp_group is None:
+            self.tp_dp_cp_group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
+
+    # ------------------------------------------------------------------ megatron hooks
+
+    def reset_parameters(self):  # Router.__init__ initialises the weight before this class deletes it
+        if "weight" in self._parameters:
+            super().reset_parameters()
+
+    def set_layer_number(self, layer_number: int):
+        super().set_layer_number(layer_number)
+        if not self._centroids_final:
+            n, d = self.centroids.shape
+            self.centroids.copy_(initial_centroids(n, d, self.base_seed, layer_number or 0))
+
+    def _keep_fp32(self):
+        """Float16Module casts buffers to bf16/fp16; centroids and their update stay fp32."""
+        if self.centroids.dtype != torch.float32:
+            self.centroids.data = self.centroids.data.float()
+        if self.tokens_per_expert.dtype != torch.float32:
+            self.tokens_per_expert.data = self.tokens_per_expert.data.float()
+        self._maintain_float32_expert_bias()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self._keep_fp32()
+        self._centroids_final = True
+        return super()._load_from_state_dict(*args, **kwargs)
+
+    def _save_to_state_dict(self, *args, **kwargs):
+        self._keep_fp32()
+        return super()._save_to_state_dict(*args, **kwargs)
+
+    # ------------------------------------------------------------------ routing
+
+    def similarities(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised tokens ``[T, d]``, cosine similarities ``[T, n]``) in the router dtype."""
+        dtype = torch.float64 if self.config.moe_router_dtype == "fp64" else torch.float32
+        x = F.normalize(input.reshape(-1, input.shape[-1]).to(dtype), dim=-1)
+        return x, x @ self.centroids.to(device=x.device, dtype=dtype).t()
+
+    def gating(self, input: torch.Tensor) -> torch.Tensor:
+        """The router's logits ``[T, n]``: cosine similarities / temperature (what the gates are made of)."""
+        return self.similarities(input)[1] / self.temperature
+
+    def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
+        """``input`` ``[S, B, d]`` (or ``[T, d]``) -> (probs ``[T, n]``, routing_map ``[T, n]`` bool)."""
+        self._keep_fp32()
+        input = self.apply_input_jitter(input)
+        x, sims = self.similarities(input)
+        if padding_mask is not None:
+            padding_mask = padding_mask.reshape(-1)  # megatron's router convention: True = padding
+        logits = self.apply_z_loss(sims / self.temperature, padding_mask=padding_mask)
+        with torch.no_grad():
+            scores = sims.detach()
+            if self.expert_bias is not None:
+                scores = scores + self.expert_bias.to(scores.dtype)
+            top = torch.topk(scores, k=self.topk, dim=1).indices
+        probs, routing_map = topk_routing_with_score_function(
+            logits, self.topk, use_pre_softmax=self.config.moe_router_pre_softmax,
+            scaling_factor=self.config.moe_router_topk_scaling_factor, score_function=self.score_function,
+            precomputed_indices=top)
+        if self.config.moe_expert_capacity_factor is not None:
+            probs, routing_map = apply_router_token_dropping(
+                probs, routing_map, router_topk=self.topk, capacity_factor=self.config.moe_expert_capacity_factor,
+                drop_policy=self.config.moe_token_drop_policy,
+                pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
+        if self.training and torch.is_grad_enabled():
+            self._accumulate(x.detach(), routing_map, padding_mask)
+        self._apply_expert_bias(routing_map, padding_mask=padding_mask)
+        return probs, routing_map
+
+    @torch.no_grad()
+    def _accumulate(self, x: torch.Tensor, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        routed = routing_map if padding_mask is None else routing_map & ~padding_mask.unsqueeze(-1)
+        routed = routed.to(torch.float32)
+        step = torch.cat([routed.t() @ x.float(), routed.sum(dim=0).unsqueeze(-1)], dim=1)  # [n, d + 1]
+        self._stats = step if self._stats is None else self._stats.add_(step)
+
+    # ------------------------------------------------------------------ the per-step update
+
+    @torch.no_grad()
+    def update_after_step(self) -> None:
+        """Collective over TP x DP x CP: EMA of each expert's centroid towards the mean of its tokens."""
+        self._keep_fp32()
+        n, d = self.centroids.shape
+        stats = self._stats
+        if stats is None:
+            stats = torch.zeros(n, d + 1, dtype=torch.float32, device=self.centroids.device)
+        self._stats = None
+        group = self.tp_dp_cp_group
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(stats, group=group)
+        sums, counts = stats[:, :d], stats[:, d]
+        self.tokens_per_expert.copy_(counts)
+        self.centroids.copy_(ema_update(self.centroids, sums, counts, self.momentum))
+        self._centroids_final = True
+
+
+def kmeans_router_class(cfg) -> type:
+    """A :class:`KMeansRouter` bound to this run's momentum and seed (what the layer spec should build)."""
+    return type("KMeansRouter", (KMeansRouter,), {
+        "momentum": cfg.moe.kmeans_momentum, "base_seed": cfg.training.seed,
+        "temperature": getattr(cfg.moe, "kmeans_temperature", KMeansRouter.temperature)})
