@@ -51,8 +51,12 @@ def _sharded_state(model_chunks, optimizer, scheduler, trainer_state, with_optim
 
 
 def save(root: str | Path, step: int, model_chunks, optimizer, scheduler, trainer_state: dict,
-         with_optimizer: bool = True, keep_last: int = 2) -> Path:
-    """Collective: every rank calls it. Returns the final step directory."""
+         with_optimizer: bool = True, keep_last: int = 2, describe: Optional[dict] = None) -> Path:
+    """Collective: every rank calls it. Returns the final step directory.
+
+    ``describe`` (JSON-able: the run's config, the padded vocabulary) is stored in ``moe_erc.json`` so a
+    checkpoint can be rebuilt and analysed without its run directory.
+    """
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
@@ -67,7 +71,7 @@ def save(root: str | Path, step: int, model_chunks, optimizer, scheduler, traine
     dist.barrier()
     if rank == 0:
         meta = {"step": step, "with_optimizer": with_optimizer, "world_size": dist.get_world_size(),
-                **{k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))}}
+                **{k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))}, **(describe or {})}
         (tmp / METADATA).write_text(json.dumps(meta, indent=1))
         if final.exists():  # re-saving the same step (e.g. resumed then stopped at once)
             shutil.rmtree(final)

@@ -1,4 +1,4 @@
-"""``moe-erc`` command line: ``train`` and ``preprocess``.
+"""``moe-erc`` command line: ``train``, ``preprocess``, ``report``, ``analyze``.
 
 User mistakes (:class:`moe_erc.errors.UserError`) print one line, ``moe-erc: error: ...``, and exit
 with code 2; ``--debug`` shows the traceback instead.
@@ -68,6 +68,22 @@ def _preprocess(argv: list[str]) -> int:
     return preprocess_main(argv)
 
 
+def _report(argv: list[str]) -> int:
+    from moe_erc.report import main as report_main
+
+    return report_main(argv)
+
+
+def _analyze(argv: list[str]) -> int:
+    from moe_erc.analyze import main as analyze_main
+
+    return analyze_main(argv)
+
+
+# Subcommands with their own argument parsers (argv after the command name is passed through).
+_PASSTHROUGH = {"preprocess": _preprocess, "report": _report, "analyze": _analyze}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-erc", description="MoE pre-training with the ERC loss.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -80,8 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--debug", action="store_true", help="show full tracebacks")
     train.set_defaults(func=_train)
 
-    # Listed for --help; its arguments are parsed by moe_erc.data.preprocess (see main()).
+    # Listed for --help; their arguments are parsed by their own modules (see main()).
     sub.add_parser("preprocess", help="tokenize text/jsonl/parquet into Megatron .bin/.idx")
+    sub.add_parser("report", help="figures + report.md from one or more run directories")
+    sub.add_parser("analyze", help="post-hoc ERC loss, eps, norms and M heat-maps of a checkpoint")
     return parser
 
 
@@ -90,8 +108,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv
     _quiet_third_party_noise()
     try:
-        if argv and argv[0] == "preprocess":
-            return _preprocess([a for a in argv[1:] if a != "--debug"])
+        if argv and argv[0] in _PASSTHROUGH:
+            return _PASSTHROUGH[argv[0]]([a for a in argv[1:] if a != "--debug"])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as exc:

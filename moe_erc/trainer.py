@@ -234,7 +234,8 @@ class Trainer:
         state = {"step": self.step, "consumed_samples": self.consumed_samples}
         return checkpoint.save(self.ckpt_dir, self.step, self.model, self.optimizer, self.scheduler, state,
                                with_optimizer=self.cfg.checkpoint.save_optimizer,
-                               keep_last=self.cfg.checkpoint.keep_last)
+                               keep_last=self.cfg.checkpoint.keep_last,
+                               describe={"config": self.cfg.to_dict(), "padded_vocab_size": self.vocab_size})
 
     # ------------------------------------------------------------------ the loop
 

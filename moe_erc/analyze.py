@@ -1,0 +1,143 @@
+"""``moe-erc analyze CHECKPOINT``: router–expert coupling of a trained model, post hoc, on one CPU.
+
+Loads any checkpoint (whatever layout it was saved with: dist_checkpointing reshards it into one process)
+and prints per MoE layer: the ERC loss with clean router rows at several alphas (the paper's Table 2),
+the noise bounds ``eps`` (mean/min/max), router-row and gate-weight norms as mean ± std over experts (the
+paper's Table 3); writes a heat-map of ``M`` per layer as PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from moe_erc import checkpoint, erc
+from moe_erc.config import Config
+from moe_erc.errors import CheckpointError
+
+
+def _one_process_config(saved: dict) -> Config:
+    cfg = Config.model_validate(saved)
+    layout = {"tensor_model_parallel_size": 1, "pipeline_model_parallel_size": 1, "expert_model_parallel_size": 1,
+              "expert_tensor_parallel_size": None, "sequence_parallel": None, "use_distributed_optimizer": False,
+              "world_size": None}
+    return cfg.model_copy(update={
+        "parallel": cfg.parallel.model_copy(update=layout),
+        "training": cfg.training.model_copy(update={"global_batch_size": cfg.training.micro_batch_size,
+                                                    "precision": "fp32"}),
+    })
+
+
+def layer_report(router_weight: torch.Tensor, gate: list[torch.Tensor], alphas: list[float]) -> dict:
+    """Numbers for one layer from its ``[n, d]`` router and ``n`` gate weights ``[D, d]``."""
+    with torch.no_grad():
+        R = router_weight.detach().float()
+        M = erc.activation_matrix(R, [w.detach().float() for w in gate])
+        eps = erc.noise_bounds(R)
+        router_norms = R.norm(dim=1)
+        gate_norms = torch.stack([w.detach().float().norm() for w in gate])
+        return {
+            "erc_loss": {str(a): float(erc.erc_loss_from_matrix(M, a)) for a in alphas},
+            "eps_mean": float(eps.mean()), "eps_min": float(eps.min()), "eps_max": float(eps.max()),
+            "margin": float(erc.diagonal_margin(M)),
+            "router_norm_mean": float(router_norms.mean()), "router_norm_std": float(router_norms.std()),
+            "gate_norm_mean": float(gate_norms.mean()), "gate_norm_std": float(gate_norms.std()),
+            "M": M.tolist(),
+        }
+
+
+def analyze(path: str, alphas: list[float]) -> dict:
+    """Load the checkpoint in this process and return ``{"step", "layers": {layer: report}}``."""
+    from moe_erc import model as model_lib, parallel
+    from moe_erc.compat import prepare_runtime
+    from moe_erc.erc_layer import gate_weights
+
+    step_dir = checkpoint.resolve(path)
+    meta = checkpoint.read_metadata(step_dir)
+    if "config" not in meta:
+        raise CheckpointError(f"{step_dir} has no saved config (written by an older moe-erc); cannot rebuild it")
+    cfg = _one_process_config(meta["config"])
+    if cfg.moe.router != "topk":
+        raise CheckpointError(f"{step_dir} uses moe.router={cfg.moe.router}, which has no router matrix to analyse")
+    device = prepare_runtime("cpu")
+    parallel.initialize(cfg, device)
+    try:
+        net = model_lib.build_model(cfg, model_lib.transformer_config(cfg), meta["padded_vocab_size"])
+        checkpoint.load(step_dir, [net])
+        layers = {}
+        for module in net.modules():
+            router, experts = getattr(module, "router", None), getattr(module, "experts", None)
+            if router is not None and experts is not None and isinstance(getattr(router, "weight", None), torch.Tensor):
+                gate = gate_weights(experts, net.config.gated_linear_unit)
+                layers[router.layer_number] = layer_report(router.weight, gate, alphas)
+        return {"checkpoint": str(step_dir), "step": meta.get("step"), "layers": dict(sorted(layers.items()))}
+    finally:
+        parallel.destroy()
+
+
+def print_table(result: dict, alphas: list[float]) -> None:
+    print(f"checkpoint {result['checkpoint']} (step {result['step']}); ERC loss with clean router rows")
+    header = ["layer", *[f"L(a={a:g})" for a in alphas], "eps mean [min, max]", "margin",
+              "|R_i| mean±std", "|Wg_i| mean±std"]
+    print(" | ".join(header))
+    for layer, r in result["layers"].items():
+        print(" | ".join([
+            f"{layer:>5}", *[f"{r['erc_loss'][str(a)]:.4f}" for a in alphas],
+            f"{r['eps_mean']:.4f} [{r['eps_min']:.4f}, {r['eps_max']:.4f}]", f"{r['margin']:+.4f}",
+            f"{r['router_norm_mean']:.3f}±{r['router_norm_std']:.3f}",
+            f"{r['gate_norm_mean']:.3f}±{r['gate_norm_std']:.3f}"]))
+
+
+def write_heatmaps(result: dict, out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = result["layers"]
+    cols = min(4, len(layers))
+    rows = -(-len(layers) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (layer, r) in zip(axes.flat, layers.items()):
+        ax.axis("on")
+        image = ax.imshow(r["M"], cmap="viridis")
+        ax.set_title(f"layer {layer}: M[i, j]")
+        ax.set_xlabel("expert j")
+        ax.set_ylabel("proxy i (router row)")
+        fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"M_step{result['step']}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="moe-erc analyze", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a step_* directory or a checkpoint root with 'latest'")
+    parser.add_argument("--alphas", default="0.5,1,2,3,5", help="comma-separated alphas (default 0.5,1,2,3,5)")
+    parser.add_argument("--out", default=None, help="where heat-maps go (default: <checkpoint>/analysis)")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON (M omitted)")
+    args = parser.parse_args(argv)
+    try:
+        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    except ValueError:
+        raise CheckpointError(f"--alphas '{args.alphas}' must be comma-separated numbers, e.g. 0.5,1,2") from None
+    result = analyze(args.checkpoint, alphas)
+    out_dir = Path(args.out) if args.out else Path(result["checkpoint"]) / "analysis"
+    figure = write_heatmaps(result, out_dir) if result["layers"] else None
+    if args.json:
+        slim = {k: v for k, v in result.items() if k != "layers"}
+        slim["layers"] = {k: {kk: vv for kk, vv in r.items() if kk != "M"} for k, r in result["layers"].items()}
+        print(json.dumps(slim))
+    else:
+        print_table(result, alphas)
+        if figure:
+            print(f"heat-maps: {figure}")
+    return 0
