@@ -1,4 +1,4 @@
-"""``moe-erc`` command line: ``train``, ``preprocess``, ``report``, ``analyze``.
+"""``moe-erc`` command line: ``train``, ``preprocess``, ``report``, ``analyze``, ``plan``.
 
 User mistakes (:class:`moe_erc.errors.UserError`) print one line, ``moe-erc: error: ...``, and exit
 with code 2; ``--debug`` shows the traceback instead.
@@ -80,8 +80,14 @@ def _analyze(argv: list[str]) -> int:
     return analyze_main(argv)
 
 
+def _plan(argv: list[str]) -> int:
+    from moe_erc.plan import main as plan_main
+
+    return plan_main(argv)
+
+
 # Subcommands with their own argument parsers (argv after the command name is passed through).
-_PASSTHROUGH = {"preprocess": _preprocess, "report": _report, "analyze": _analyze}
+_PASSTHROUGH = {"preprocess": _preprocess, "report": _report, "analyze": _analyze, "plan": _plan}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("preprocess", help="tokenize text/jsonl/parquet into Megatron .bin/.idx")
     sub.add_parser("report", help="figures + report.md from one or more run directories")
     sub.add_parser("analyze", help="post-hoc ERC loss, eps, norms and M heat-maps of a checkpoint")
+    sub.add_parser("plan", help="parameters, memory per rank, FLOPs and ERC share of a config (meta device)")
     return parser
 
 

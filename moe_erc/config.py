@@ -43,6 +43,9 @@ class ModelConfig(_Group):
     attention_dropout: float = 0.0
     untie_embeddings_and_output_weights: bool = True
     make_vocab_size_divisible_by: int = 128
+    # Vocabulary for `moe-erc plan` (which reads no tokenizer). Training takes the tokenizer's size and
+    # refuses a tokenizer larger than this when it is set.
+    vocab_size: Optional[int] = None
     # 1 = every layer is MoE; k = every k-th layer; a list of 0/1 per layer (Megatron-LM semantics).
     moe_layer_freq: Union[int, list[int]] = 1
 
@@ -276,10 +279,6 @@ def check_layout(cfg: Config, world_size: int, device: str = "cuda") -> None:
             f"world size {world_size} is not divisible by tensor_model_parallel_size*pipeline_model_parallel_size"
             f"={tp}*{pp}; change parallel.* or the number of processes")
     dp = world_size // (tp * pp)
-    if (world_size // pp) % (etp * ep):
-        raise ConfigError(
-            f"expert_model_parallel_size*expert_tensor_parallel_size={ep}*{etp} must divide "
-            f"world_size/pipeline_model_parallel_size={world_size // pp}")
     if moe.num_experts % ep:
         raise ConfigError(
             f"moe.num_experts={moe.num_experts} is not divisible by parallel.expert_model_parallel_size={ep}; "
@@ -288,6 +287,10 @@ def check_layout(cfg: Config, world_size: int, device: str = "cuda") -> None:
         raise ConfigError(
             f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
             f"parallel.tensor_model_parallel_size={tp}")
+    if (world_size // pp) % (etp * ep):
+        raise ConfigError(
+            f"expert_model_parallel_size*expert_tensor_parallel_size={ep}*{etp} must divide "
+            f"world_size/pipeline_model_parallel_size={world_size // pp}")
     groups = m.num_query_groups or m.num_attention_heads
     if groups % tp:
         raise ConfigError(f"model.num_query_groups={groups} is not divisible by tensor_model_parallel_size={tp}")
@@ -300,6 +303,9 @@ def check_layout(cfg: Config, world_size: int, device: str = "cuda") -> None:
             "requires sequence parallelism with TP; remove the override")
     if (tp > 1 or p.sequence_parallel) and m.seq_length % tp:
         raise ConfigError(f"model.seq_length={m.seq_length} must be divisible by tensor_model_parallel_size={tp}")
+    if device == "cpu" and cfg.moe.moe_grouped_gemm:
+        raise ConfigError("moe.moe_grouped_gemm=true needs transformer-engine on a CUDA GPU; set it to false "
+                          "on CPU (experts then run as megatron's SequentialMLP)")
     if device == "cpu" and p.use_distributed_optimizer:
         raise ConfigError(
             "parallel.use_distributed_optimizer=true needs CUDA: megatron-core's distributed optimizer only "

@@ -93,7 +93,10 @@ class Trainer:
 
         # model, DDP, optimizer, schedule
         self.tf_config = transformer_config(cfg, self.precision)
-        self.vocab_size = padded_vocab_size(self.tokenizer.vocab_size, cfg)
+        if cfg.model.vocab_size is not None and self.tokenizer.vocab_size > cfg.model.vocab_size:
+            raise DataError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
+                            f"{cfg.model.vocab_size}; raise model.vocab_size or remove it")
+        self.vocab_size = padded_vocab_size(max(self.tokenizer.vocab_size, cfg.model.vocab_size or 0), cfg)
         model = build_model(cfg, self.tf_config, self.vocab_size)
         self.num_params = self._global_param_count(model)
         self.model = [wrap_ddp(cfg, self.tf_config, model)]

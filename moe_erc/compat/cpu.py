@@ -105,7 +105,9 @@ class _CudaOnCpu(types.ModuleType):
 
     @staticmethod
     def current_device():
-        return torch.device("cpu")
+        # The default device: the CPU, or "meta" inside `with torch.device("meta")` (moe-erc plan builds
+        # 15B models there without allocating them).
+        return torch.get_default_device()
 
     @staticmethod
     def current_stream(device=None):
@@ -148,10 +150,11 @@ class _CudaOnCpu(types.ModuleType):
 
 
 def _on_cpu(device):
+    """A CUDA device -> the default device (the CPU, or "meta" inside a meta-device context)."""
     if isinstance(device, str) and device.startswith("cuda"):
-        return "cpu"
+        return torch.get_default_device()
     if isinstance(device, torch.device) and device.type == "cuda":
-        return torch.device("cpu")
+        return torch.get_default_device()
     return device
 
 
@@ -184,7 +187,7 @@ class _TorchOnCpu(types.ModuleType):
 
     @staticmethod
     def autocast(device_type, *args, **kwargs):
-        return torch.autocast(_on_cpu(device_type), *args, **kwargs)
+        return torch.autocast("cpu" if str(device_type).startswith("cuda") else device_type, *args, **kwargs)
 
 
 TORCH_ON_CPU = _TorchOnCpu()
