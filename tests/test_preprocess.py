@@ -13,12 +13,12 @@ import pyarrow.parquet
 import pytest
 
 from moe_erc.data import corpus
-from moe_erc.data.datasets import _import_megatron
+from moe_erc.compat import ensure_importable
 from moe_erc.data.preprocess import main, preprocess, resolve_inputs
 from moe_erc.data.tokenizer import load_tokenizer, tokenizer_path_for
 from moe_erc.errors import DataError
 
-_import_megatron()
+ensure_importable()
 from megatron.core.datasets.indexed_dataset import IndexedDataset  # noqa: E402
 
 PLAIN = [

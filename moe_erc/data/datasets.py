@@ -19,14 +19,12 @@ import hashlib
 import math
 import os
 import struct
-import sys
-import types
-from importlib.util import find_spec
 from numbers import Real
 from typing import Callable, Iterator, Sequence
 
 import torch
 
+from moe_erc.compat import ensure_importable
 from moe_erc.data.tokenizer import Tokenizer
 from moe_erc.errors import ConfigError, DataError
 
@@ -34,22 +32,10 @@ _SPLIT_NAMES = ("train", "valid", "test")
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 
 
-def _import_megatron() -> None:
-    """Make ``import megatron.core`` work without triton (it imports triton for one GPU-only op)."""
-    # TODO: switch to moe_erc.compat.ensure_importable() once moe_erc/compat lands.
-    name = "megatron.core.transformer.moe.ops.paged_stash"
-    if name in sys.modules or find_spec("triton") is not None:
-        return
-    stub = types.ModuleType(name)
-    stub.GLOBAL_BLOCK_SIZE = 1024
-    stub.paged_stash_copy_kernel = stub.paged_stash_pop_kernel = None
-    sys.modules[name] = stub
-
-
 def check_indexed_dataset(prefix: str) -> None:
     """Raise :class:`DataError` unless ``{prefix}.idx`` parses, lists at least one document, and
     ``{prefix}.bin`` has exactly the size the index implies (so it is neither truncated nor padded)."""
-    _import_megatron()
+    ensure_importable()
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
@@ -143,7 +129,7 @@ def build_gpt_datasets(
     read them from ``cache_dir`` (which must be shared). ``is_built_on_rank`` (default: every rank)
     returns False on ranks that get their data another way; they receive ``None`` datasets.
     """
-    _import_megatron()
+    ensure_importable()
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -278,7 +264,7 @@ def _parse_split(split: str) -> list[float]:
 
 def _check_splits_have_documents(prefixes, split, split_vector, split_matrix, sizes) -> None:
     """DataError when a split that must deliver samples gets no document of some dataset."""
-    _import_megatron()
+    ensure_importable()
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     for prefix in prefixes:

@@ -376,9 +376,9 @@ class _DatasetWriter:
     """
 
     def __init__(self, prefix: str, tokenizer: Tokenizer) -> None:
-        from moe_erc.data.datasets import _import_megatron
+        from moe_erc.compat import ensure_importable
 
-        _import_megatron()
+        ensure_importable()
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
         self.prefix = prefix
