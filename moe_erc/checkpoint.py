@@ -1,23 +1,32 @@
-"""Checkpoints with megatron-core ``dist_checkpointing``: resharding-capable, written atomically.
+"""Checkpoints with megatron-core ``dist_checkpointing``: resharding-capable, written atomically, verified.
 
 Layout under the checkpoint root::
 
     step_0000100/        one dist_checkpointing directory per saved step (+ moe_erc.json)
     latest               text file naming the newest complete step directory
 
-A step is written into ``.tmp-step_*`` and renamed only when every rank has finished, then ``latest``
-is replaced atomically, so a crash mid-save leaves the previous checkpoint as ``latest``. A checkpoint
-saved with one parallel layout loads into any other (TP/EP/PP/DP), as dist_checkpointing reshards.
+A step is written into ``.tmp-step_*``, renamed only when every rank has finished, and ``latest`` is
+replaced last (write + ``os.replace``), so a crash mid-save leaves the previous checkpoint as ``latest``.
+Before loading, :func:`verify` checks a step directory against its own metadata (every shard file present
+and as long as the metadata says); ``resume=auto`` takes the newest step that verifies.
+
+A checkpoint holds model, optimizer and scheduler state, router buffers (expert bias, K-Means centroids),
+the trainer state (step, consumed samples: the data position), every rank's RNG states, and the run's
+config. It loads into any TP/EP/PP/DP layout megatron-core can reshard; RNG states are restored only
+into the layout they were saved from (elsewhere they cannot mean the same thing).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
+import time
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -25,10 +34,14 @@ from moe_erc.compat import import_megatron
 from moe_erc.errors import CheckpointError
 
 import_megatron()
-from megatron.core import dist_checkpointing  # noqa: E402
+from megatron.core import dist_checkpointing, tensor_parallel  # noqa: E402
+from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
 
 LATEST = "latest"
 METADATA = "moe_erc.json"
+# Test hook (tests/test_reliability.py): "SECONDS@STEP" pauses the save of STEP after its shards are
+# written and before the rename, after creating ``<root>/.save-paused``, so a test can SIGKILL mid-save.
+PAUSE_ENV = "MOE_ERC_TEST_PAUSE_IN_SAVE"
 
 
 def step_dir_name(step: int) -> str:
@@ -40,13 +53,35 @@ def _unwrap(chunk):
     return getattr(chunk, "module", chunk)
 
 
-def _sharded_state(model_chunks, optimizer, scheduler, trainer_state, with_optimizer, is_loading):
+def _rng_states() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_states(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
+
+
+def _rng_object(data=None) -> ShardedObject:
+    """One object per rank, keyed by rank: restorable only into the same world size."""
+    return ShardedObject("rng_state", data, (dist.get_world_size(),), (dist.get_rank(),), replica_id=0)
+
+
+def _sharded_state(model_chunks, optimizer, scheduler, trainer_state, with_optimizer, is_loading, rng=True):
     model_sd = _unwrap(model_chunks[0]).sharded_state_dict()
     state = {"model": model_sd, "trainer": trainer_state}
     if with_optimizer:
         metadata = {"distrib_optim_sharding_type": "dp_reshardable"}
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=metadata)
         state["scheduler"] = scheduler.state_dict()
+    if rng:
+        state["rng"] = _rng_object(None if is_loading else _rng_states())
     return state
 
 
@@ -73,6 +108,7 @@ def save(root: str | Path, step: int, model_chunks, optimizer, scheduler, traine
         meta = {"step": step, "with_optimizer": with_optimizer, "world_size": dist.get_world_size(),
                 **{k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))}, **(describe or {})}
         (tmp / METADATA).write_text(json.dumps(meta, indent=1))
+        _pause_for_tests(root, step)
         if final.exists():  # re-saving the same step (e.g. resumed then stopped at once)
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -80,6 +116,13 @@ def save(root: str | Path, step: int, model_chunks, optimizer, scheduler, traine
         _prune(root, keep_last)
     dist.barrier()
     return final
+
+
+def _pause_for_tests(root: Path, step: int) -> None:
+    seconds, _, at_step = os.environ.get(PAUSE_ENV, "").partition("@")
+    if seconds and int(at_step or step) == step:
+        (root / ".save-paused").write_text(str(os.getpid()))
+        time.sleep(float(seconds))
 
 
 def _write_latest(root: Path, name: str) -> None:
@@ -95,26 +138,65 @@ def _prune(root: Path, keep_last: int) -> None:
 
 
 def is_complete(step_dir: Path) -> bool:
-    """A step directory that finished saving (renamed, with metadata and megatron's own metadata)."""
+    """A step directory that finished saving (renamed, with its metadata and megatron's)."""
     return (step_dir / METADATA).is_file() and (step_dir / "metadata.json").is_file()
 
 
-def find_latest(root: str | Path) -> Optional[Path]:
-    """The step directory ``latest`` names, else the newest complete one; None if there is none."""
-    root = Path(root)
+def verify(step_dir: Path) -> Optional[str]:
+    """None if ``step_dir`` is intact, else what is wrong (one line). Reads metadata only, no collectives."""
+    if not step_dir.is_dir():
+        return f"{step_dir} is not a directory"
+    if not is_complete(step_dir):
+        return f"{step_dir} is incomplete (no {METADATA} or metadata.json: the save did not finish)"
+    try:
+        json.loads((step_dir / METADATA).read_text())
+        from torch.distributed.checkpoint import FileSystemReader
+
+        storage = FileSystemReader(str(step_dir)).read_metadata().storage_data
+    except Exception as exc:  # unreadable JSON / pickle: any parse error means corrupt metadata
+        return f"{step_dir} has unreadable metadata ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    needed: dict[str, int] = {}
+    for info in storage.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in needed.items():
+        path = step_dir / name
+        if not path.is_file():
+            return f"{step_dir} is missing shard file {name}"
+        if path.stat().st_size < size:
+            return f"{step_dir}/{name} is truncated ({path.stat().st_size} of {size} bytes)"
+    return None
+
+
+def _candidates(root: Path) -> list[Path]:
+    """Step directories newest first, the one ``latest`` names at the front."""
+    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
     pointer = root / LATEST
     if pointer.is_file():
-        candidate = root / pointer.read_text().strip()
-        if is_complete(candidate):
+        named = root / pointer.read_text().strip()
+        if named in steps:
+            steps.remove(named)
+            steps.insert(0, named)
+    return steps
+
+
+def find_latest(root: str | Path, warn=print) -> Optional[Path]:
+    """The newest step directory that :func:`verify` accepts (``latest`` first); None if there is none.
+    Broken ones are reported through ``warn`` and skipped."""
+    for candidate in _candidates(Path(root)):
+        problem = verify(candidate)
+        if problem is None:
             return candidate
-    complete = [p for p in sorted(root.glob("step_*")) if is_complete(p)]
-    return complete[-1] if complete else None
+        warn(f"moe-erc: skipping checkpoint {candidate.name}: {problem}")
+    return None
 
 
 def resolve(path: str | Path) -> Path:
-    """A checkpoint root (with ``latest``) or a step directory -> the step directory to load."""
+    """A checkpoint root (with ``latest``) or a step directory -> a verified step directory to load."""
     path = Path(path)
-    if is_complete(path):
+    if (path / METADATA).is_file():
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"cannot load checkpoint: {problem}")
         return path
     found = find_latest(path) if path.is_dir() else None
     if found is None:
@@ -128,17 +210,29 @@ def read_metadata(step_dir: Path) -> dict[str, Any]:
 
 
 def load(step_dir: str | Path, model_chunks, optimizer=None, scheduler=None) -> dict:
-    """Collective. Loads model weights, and optimizer + scheduler when given. Returns the trainer state."""
+    """Collective. Loads model weights, and optimizer + scheduler (+ RNG in the same layout) when given.
+    Returns the trainer state."""
     step_dir = Path(step_dir)
     meta = read_metadata(step_dir)
     with_optimizer = optimizer is not None and meta.get("with_optimizer", False)
-    template = _sharded_state(model_chunks, optimizer, scheduler, {}, with_optimizer, True)
+    same_layout = meta.get("world_size") == dist.get_world_size()
+    template = _sharded_state(model_chunks, optimizer, scheduler, {}, with_optimizer, True,
+                              rng=with_optimizer and same_layout)
     template.pop("trainer")
-    with torch.no_grad():
-        state = dist_checkpointing.load(template, str(step_dir))
-    _unwrap(model_chunks[0]).load_state_dict(state["model"], strict=True)
+    try:
+        with torch.no_grad():
+            state = dist_checkpointing.load(template, str(step_dir))
+        _unwrap(model_chunks[0]).load_state_dict(state["model"], strict=True)
+    except (CheckpointError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise CheckpointError(f"cannot load {step_dir} into this model/layout ({type(exc).__name__}: {first}); "
+                              f"check that the config matches the one it was saved with") from None
     if with_optimizer:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+    if "rng" in state and state["rng"] is not None:
+        _set_rng_states(state["rng"])
     trainer_state = dist_checkpointing.load_common_state_dict(str(step_dir)).get("trainer", {})
-    return {**meta, **trainer_state, "loaded_optimizer": with_optimizer}
+    return {**meta, **trainer_state, "loaded_optimizer": with_optimizer, "restored_rng": "rng" in state}

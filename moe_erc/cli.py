@@ -123,7 +123,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if debug:
             raise
         print(f"moe-erc: error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)
     except KeyboardInterrupt:
         print("moe-erc: interrupted", file=sys.stderr)
         return 130

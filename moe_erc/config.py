@@ -125,6 +125,8 @@ class TrainingConfig(_Group):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     exit_interval: Optional[int] = None  # stop (with a checkpoint) after this many steps of this run
+    nan_policy: Literal["skip", "stop"] = "skip"  # non-finite loss/gradients: skip the update, or stop
+    max_skipped_steps: int = 10  # with nan_policy=skip: stop (with a diagnostic) after more skipped steps
 
 
 class OptimizerConfig(_Group):

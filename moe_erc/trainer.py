@@ -9,7 +9,11 @@ gradients reduced by megatron DDP, then one optimizer step and one LR-schedule s
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import signal
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -57,6 +61,42 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     num_tokens = mask.sum().to(torch.int)
     report = torch.stack([loss_sum.detach(), mask.sum()])
     return loss_sum, num_tokens, {"lm loss": report}
+
+
+# Test hook (tests/test_reliability.py): make the loss of this (0-based) step NaN.
+NAN_TEST_ENV = "MOE_ERC_TEST_NAN_AT_STEP"
+
+
+class TrainingHalted(UserError):
+    """Training stopped on purpose (non-finite values); exit code 3, message names the diagnostic."""
+
+    exit_code = 3
+
+
+class GracefulStop:
+    """SIGTERM / SIGINT ask the loop to save and stop after the current step (agreed by all ranks)."""
+
+    def __init__(self):
+        self.signal_name: Optional[str] = None
+        self._previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, _frame) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def requested(self) -> bool:
+        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled: everyone stops at this step
+        if flag.item() and self.signal_name is None:
+            self.signal_name = "a signal on another rank"
+        return bool(flag.item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 class Trainer:
@@ -107,9 +147,11 @@ class Trainer:
         if self.tf_config.fp16:
             self.tf_config.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
+        self._nan_test_step = int(os.environ.get(NAN_TEST_ENV, "-1"))
 
         self.step = 0
         self.consumed_samples = 0
+        self.skipped_steps = 0
         self._maybe_resume()
         self.writer = MetricsWriter(cfg, self.run_dir, enabled=self.is_logger)
         log = cfg.logging
@@ -147,7 +189,7 @@ class Trainer:
         cfg = self.cfg
         source: Optional[Path] = None
         if cfg.training.resume == "auto":
-            source = checkpoint.find_latest(self.ckpt_dir)
+            source = checkpoint.find_latest(self.ckpt_dir, warn=self._say)
         elif cfg.training.resume != "none":
             source = checkpoint.resolve(cfg.training.resume)
         if source is not None:
@@ -170,6 +212,8 @@ class Trainer:
         batch = next(data_iterator)
         self.monitor.set_batch(self.step, batch["tokens"])
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        if self._nan_test_step == self.step and model.training:
+            output = output * float("nan")  # test hook: a non-finite loss and gradients at this step
         return output, partial(_loss_func, batch["loss_mask"])
 
     def _data_iterator(self, dataset, consumed_samples: int):
@@ -202,15 +246,55 @@ class Trainer:
             forward_only=False,
         )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        lm_loss = self._reduce_lm_loss(losses)
+        if not self._finite(lm_loss, bool(losses)):
+            return {"lm_loss": lm_loss, "lr": lr, "grad_norm": float("nan"), "skipped": 1, "non_finite": True}
         updated, grad_norm, _ = self.optimizer.step()
         routers.after_optimizer_step(self.model)
         self.scheduler.step(increment=1)
         return {
-            "lm_loss": self._reduce_lm_loss(losses),
+            "lm_loss": lm_loss,
             "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
             "lr": lr,
             "skipped": 0 if updated else 1,
         }
+
+    def _finite(self, lm_loss: float, holds_loss: bool) -> bool:
+        """Loss and every gradient finite on every rank (one all-reduce of a flag)."""
+        ok = (math.isfinite(lm_loss) or not holds_loss) and all(
+            bool(torch.isfinite(buffer.grad_data).all())
+            for chunk in self.model for buffer in (*chunk.buffers, *chunk.expert_parallel_buffers))
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def _non_finite_step(self, scalars: dict) -> None:
+        """``training.nan_policy``: skip the update (and stop after too many), or stop with a diagnostic."""
+        t = self.cfg.training
+        self.skipped_steps += 1
+        self._say(f"non-finite loss or gradients at step {self.step} (loss {scalars['lm_loss']}); "
+                  f"update skipped ({self.skipped_steps} so far)")
+        if t.nan_policy == "skip" and self.skipped_steps <= t.max_skipped_steps:
+            return
+        path = self.run_dir / f"nan_diagnostic_step{self.step}.json"
+        if self.is_logger:
+            diagnostic = {"step": self.step, "lm_loss": scalars["lm_loss"], "skipped_steps": self.skipped_steps,
+                          "policy": t.nan_policy, "non_finite_gradients": self._non_finite_parameters(),
+                          **({"erc": self._erc_scalars()} if self.cfg.erc.enabled else {})}
+            path.write_text(json.dumps(diagnostic, indent=1, default=str))
+        reason = ("training.nan_policy=stop" if t.nan_policy == "stop"
+                  else f"more than training.max_skipped_steps={t.max_skipped_steps} skipped steps")
+        raise TrainingHalted(f"non-finite loss or gradients at step {self.step} ({reason}); "
+                             f"diagnostic: {path}; the last checkpoint is in {self.ckpt_dir}")
+
+    def _non_finite_parameters(self, limit: int = 50) -> list[str]:
+        names = []
+        for chunk in self.model:
+            for name, param in chunk.module.named_parameters():
+                grad = getattr(param, "main_grad", None)
+                if grad is not None and not bool(torch.isfinite(grad).all()):
+                    names.append(name)
+        return names[:limit]
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -258,11 +342,14 @@ class Trainer:
         data_iterator = self._data_iterator(self.train_ds, self.consumed_samples)
         stop_at = t.train_iters if t.exit_interval is None else min(t.train_iters, self.step + t.exit_interval)
         window_start, window_steps = time.perf_counter(), 0
+        stopper = GracefulStop()
         while self.step < stop_at:
             scalars = self.train_step(data_iterator)
             self.step += 1
             self.consumed_samples += t.global_batch_size
             window_steps += 1
+            if scalars.pop("non_finite", False):
+                self._non_finite_step(scalars)
             if self.step % cfg.logging.log_interval == 0 or self.step == stop_at:
                 elapsed = time.perf_counter() - window_start
                 scalars["tokens_per_s"] = tokens_per_step * window_steps / elapsed
@@ -276,6 +363,14 @@ class Trainer:
                 self._run_eval()
             if self.step % cfg.checkpoint.save_interval == 0 and self.step < stop_at:
                 self.save()
+            if stopper.requested():
+                final_dir = self.save()
+                self._say(f"stopped by {stopper.signal_name} at step {self.step}; checkpoint {final_dir} "
+                          f"(run the same command to resume)")
+                summary.update(step=self.step, checkpoint=str(final_dir), interrupted=True)
+                stopper.restore()
+                return summary
+        stopper.restore()
         summary["valid_loss"] = self._run_eval()
         final_dir = self.save()
         self._say(f"done: step {self.step}, checkpoint {final_dir}, metrics {self.run_dir / 'metrics.jsonl'}")

@@ -1,0 +1,113 @@
+"""Crash safety and numerical faults: signals, SIGKILL mid-save, corrupt checkpoints, NaN policies."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from launch import TINY, losses, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _popen(run_dir: Path, prefix: str, *overrides: str, env_extra=None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "moe_erc", "train", *TINY, f"data.data_path={prefix}",
+           f"logging.run_dir={run_dir}", *overrides]
+    return subprocess.Popen(cmd, cwd=run_dir.parent, env={**os.environ, **(env_extra or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(predicate, proc, timeout=180):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended early ({proc.returncode}): {proc.stderr.read()[-3000:]}")
+        if time.time() - start > timeout:
+            proc.kill()
+            raise AssertionError("timed out")
+        time.sleep(0.2)
+
+
+def _train_steps(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    return sum(1 for line in path.read_text().splitlines() if '"split": "train"' in line)
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resume_finishes(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _popen(run_dir, tiny_corpus, "training.train_iters=400")
+    _wait_for(lambda: _train_steps(run_dir) >= 2, proc)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    assert "stopped by SIGTERM" in out
+    stopped_at = max(losses(run_dir))
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert latest == f"step_{stopped_at:07d}"
+    train(run_dir, tiny_corpus, f"training.train_iters={stopped_at + 2}")
+    assert max(losses(run_dir)) == stopped_at + 2
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint_loadable(tiny_corpus, tmp_path):
+    from moe_erc import checkpoint
+
+    run_dir = tmp_path / "run"
+    ckpt = run_dir / "checkpoints"
+    proc = _popen(run_dir, tiny_corpus, "training.train_iters=8", "checkpoint.save_interval=2",
+                  env_extra={checkpoint.PAUSE_ENV: "120@4"})
+    _wait_for(lambda: (ckpt / ".save-paused").is_file(), proc)
+    proc.kill()
+    proc.wait()
+    assert (ckpt / ".tmp-step_0000004").is_dir()            # the interrupted save, never renamed
+    assert (ckpt / "latest").read_text().strip() == "step_0000002"
+    assert checkpoint.find_latest(ckpt) == ckpt / "step_0000002"
+    result = train(run_dir, tiny_corpus, "training.train_iters=5")
+    assert "resumed from" in result.stdout and "step_0000002 at step 2" in result.stdout
+    assert max(losses(run_dir)) == 5
+
+
+def test_corrupt_latest_is_detected_and_auto_resume_falls_back(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, tiny_corpus, "training.train_iters=4", "checkpoint.save_interval=2")
+    ckpt = run_dir / "checkpoints"
+    shard = next((ckpt / "step_0000004").glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated shard
+    explicit = subprocess.run([sys.executable, "-m", "moe_erc", "train", *TINY, f"data.data_path={tiny_corpus}",
+                               f"logging.run_dir={run_dir}", "training.train_iters=6",
+                               f"training.resume={ckpt / 'step_0000004'}"],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert explicit.returncode == 2
+    assert "is truncated" in explicit.stderr.strip().splitlines()[-1] and "Traceback" not in explicit.stderr
+    result = train(run_dir, tiny_corpus, "training.train_iters=6")
+    assert "skipping checkpoint step_0000004" in result.stdout and "at step 2" in result.stdout
+    assert max(losses(run_dir)) == 6
+
+
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_non_finite_loss_policies(tiny_corpus, tmp_path, policy):
+    from moe_erc.trainer import NAN_TEST_ENV
+
+    run_dir = tmp_path / policy
+    cmd = [sys.executable, "-m", "moe_erc", "train", *TINY, f"data.data_path={tiny_corpus}",
+           f"logging.run_dir={run_dir}", "training.train_iters=4", f"training.nan_policy={policy}"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                          env={**os.environ, NAN_TEST_ENV: "1"})  # the loss of the 2nd step is NaN
+    if policy == "skip":
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if '"split": "train"' in line]
+        assert [r["skipped"] for r in rows] == [0, 1, 0, 0]
+        assert all(r["lm_loss"] == r["lm_loss"] for r in rows if not r["skipped"])  # finite afterwards
+    else:
+        assert proc.returncode == 3
+        last = proc.stderr.strip().splitlines()[-1]
+        assert "non-finite loss or gradients at step 2 (training.nan_policy=stop)" in last
+        diagnostic = json.loads((run_dir / "nan_diagnostic_step2.json").read_text())
+        assert diagnostic["step"] == 2 and diagnostic["non_finite_gradients"]
