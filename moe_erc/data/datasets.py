@@ -41,7 +41,7 @@ def check_indexed_dataset(prefix: str) -> None:
     idx_path, bin_path = f"{prefix}.idx", f"{prefix}.bin"
     for path in (idx_path, bin_path):
         if not os.path.isfile(path):
-            raise DataError(f"data file {path} is missing; check data.path or run preprocess to create {prefix}")
+            raise DataError(f"data file {path} is missing; check data.data_path or run preprocess to create {prefix}")
     # Checked before megatron reads it: a failed IndexedDataset() prints a stray error from its __del__.
     problem = _index_layout_problem(idx_path)
     if problem:
@@ -93,16 +93,16 @@ def parse_data_path(data_path: Sequence[str | Real] | str) -> tuple[list[str], l
     numeric strings) -> ``(prefixes, weights or None)``."""
     items = [data_path] if isinstance(data_path, (str, os.PathLike)) else list(data_path)
     if not items:
-        raise DataError("data.path is empty; give a dataset prefix, a list of prefixes or [weight, prefix, ...]")
+        raise DataError("data.data_path is empty; give a dataset prefix, a list of prefixes or [weight, prefix, ...]")
     numeric = [_as_weight(item) is not None for item in items]
     if not any(numeric):
         return [str(item) for item in items], None
     is_blend = len(items) % 2 == 0 and all(numeric[0::2]) and not any(numeric[1::2])
     if not is_blend:
-        raise DataError(f"data.path {list(items)} mixes weights and prefixes; write it as [weight1, prefix1, weight2, prefix2, ...]")
+        raise DataError(f"data.data_path {list(items)} mixes weights and prefixes; write it as [weight1, prefix1, weight2, prefix2, ...]")
     weights = [_as_weight(w) for w in items[0::2]]
     if not all(w > 0 and math.isfinite(w) for w in weights):
-        raise DataError(f"data.path weights {weights} must all be positive numbers")
+        raise DataError(f"data.data_path weights {weights} must all be positive numbers")
     return [str(p) for p in items[1::2]], weights
 
 

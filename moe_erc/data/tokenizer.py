@@ -160,7 +160,7 @@ def resolve_tokenizer(data_prefixes: list[str], tokenizer_spec: str | None) -> T
     tokenizer (e.g. made by Megatron-LM) are taken on trust.
     """
     if not data_prefixes:
-        raise DataError("no data prefixes given; set data.path")
+        raise DataError("no data prefixes given; set data.data_path")
     saved = {p: tokenizer_path_for(p) for p in data_prefixes if tokenizer_path_for(p).is_file()}
     if tokenizer_spec is None:
         first = data_prefixes[0]
