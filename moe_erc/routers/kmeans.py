@@ -20,10 +20,13 @@ compared with every centroid by cosine similarity ``s_i = <x/|x|, c_i>`` and goe
   number): identical on every rank and independent of the parallel layout.
 * **Balancing**: subclassing megatron's ``TopKRouter`` brings its ``expert_bias`` /
   ``local_tokens_per_expert`` buffers; ``finalize_model_grads`` updates the bias from the token counts
-  (aux-loss-free balancing, arXiv 2408.15664). megatron's ``TransformerConfig`` only accepts the expert
-  bias with ``moe_router_score_function: sigmoid``. Auxiliary losses are rejected by the config (there is
-  no parameter they could train); a z-loss (``moe_z_loss_coeff``) acts on ``s / temperature`` and so
-  only on the hidden states.
+  (aux-loss-free balancing, arXiv 2408.15664), which are taken, like the centroid statistics, in training
+  forwards only and without padding tokens (``padding_mask`` as in megatron's router: True = padding).
+  megatron's ``TransformerConfig`` only accepts the expert bias with ``moe_router_score_function:
+  sigmoid``. Auxiliary losses are rejected by the config (there is no parameter they could train); a
+  z-loss (``moe_z_loss_coeff``) acts on ``s / temperature`` and so only on the hidden states.
+* **Temperature** ``T`` = :attr:`KMeansRouter.temperature` (1.0: softmax over cosines, gates between
+  about 0.12 and 0.88 for K=2; 0.1 was no better on the tiny model). Not a config key yet.
 * **Checkpoints**: ``centroids`` (and ``expert_bias``) are persistent buffers; megatron's default
   ``sharded_state_dict`` saves them as replicated tensors and loading restores them in any layout.
 
@@ -58,7 +61,7 @@ def centroid_seed(base_seed: int, layer_number: int) -> int:
 def initial_centroids(num_experts: int, hidden_size: int, base_seed: int, layer_number: int) -> torch.Tensor:
     """``[n, d]`` fp32 random unit vectors (CPU)."""
     generator = torch.Generator().manual_seed(centroid_seed(base_seed, layer_number))
-    c = torch.randn(num_experts, hidden_size, generator=generator, dtype=torch.float64)
+    c = torch.randn(num_experts, hidden_size, generator=generator, dtype=torch.float64, device="cpu")
     return F.normalize(c, dim=-1).float()
 
 
@@ -165,15 +168,16 @@ class KMeansRouter(TopKRouter):
                 probs, routing_map, router_topk=self.topk, capacity_factor=self.config.moe_expert_capacity_factor,
                 drop_policy=self.config.moe_token_drop_policy,
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
-        if self.training and torch.is_grad_enabled():
-            self._accumulate(x.detach(), routing_map, padding_mask)
-        self._apply_expert_bias(routing_map, padding_mask=padding_mask)
+        valid = None if padding_mask is None else ~padding_mask.unsqueeze(-1)  # [T, 1]
+        if self.training and torch.is_grad_enabled():  # once per training forward (recomputation: the grad pass)
+            self._accumulate(x.detach(), routing_map if valid is None else routing_map & valid)
+            # megatron's load counter for the expert bias (masks with `routing_map & ~mask`: give it [T, 1])
+            self._apply_expert_bias(routing_map, padding_mask=None if valid is None else ~valid)
         return probs, routing_map
 
     @torch.no_grad()
-    def _accumulate(self, x: torch.Tensor, routing_map: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-        routed = routing_map if padding_mask is None else routing_map & ~padding_mask.unsqueeze(-1)
-        routed = routed.to(torch.float32)
+    def _accumulate(self, x: torch.Tensor, routing_map: torch.Tensor):
+        routed = routing_map.to(torch.float32)
         step = torch.cat([routed.t() @ x.float(), routed.sum(dim=0).unsqueeze(-1)], dim=1)  # [n, d + 1]
         self._stats = step if self._stats is None else self._stats.add_(step)
 
