@@ -49,14 +49,19 @@ def test_two_process_layouts_match_one_process(reference, tmp_path, layout):
         assert two[step] == pytest.approx(one[step], rel=2e-5), (step, one, two)
 
 
-def test_resume_continues_exactly(tiny_corpus, tmp_path):
+@pytest.mark.parametrize("variant, nproc, extra", [
+    ("one-process", 1, []),
+    ("dropout-rng", 1, ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]),  # RNG states restored
+    ("ep2", 2, ["parallel.expert_model_parallel_size=2", "erc.enabled=true"]),          # ERC noise by step
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_resume_continues_exactly(tiny_corpus, tmp_path, variant, nproc, extra):
     """Stopped after 3 steps and resumed, a run logs the same losses as one that never stopped."""
     straight = tmp_path / "straight"
-    train(straight, tiny_corpus, "training.train_iters=6")
+    train(straight, tiny_corpus, "training.train_iters=6", *extra, nproc=nproc)
     stopped = tmp_path / "stopped"
-    train(stopped, tiny_corpus, "training.train_iters=6", "training.exit_interval=3")
+    train(stopped, tiny_corpus, "training.train_iters=6", "training.exit_interval=3", *extra, nproc=nproc)
     assert max(losses(stopped)) == 3
-    train(stopped, tiny_corpus, "training.train_iters=6")
+    train(stopped, tiny_corpus, "training.train_iters=6", *extra, nproc=nproc)
     expected, resumed = losses(straight), losses(stopped)
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(expected[step], rel=1e-6, abs=0), (step, expected, resumed)

@@ -188,6 +188,9 @@ def build_dataloader(
         num_workers=num_workers,
         collate_fn=torch.utils.data.default_collate,
         persistent_workers=num_workers > 0,
+        # Its own generator: creating an iterator draws a worker seed, which must not move the global
+        # RNG (dropout, ERC noise) or a resumed run would diverge from an uninterrupted one.
+        generator=torch.Generator().manual_seed(0),
     )
 
 
