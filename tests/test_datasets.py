@@ -6,9 +6,6 @@ import os
 import shutil
 import traceback
 
-# Never reach the HF hub from tests (set before anything imports datasets / huggingface_hub).
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 import torch

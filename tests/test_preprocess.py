@@ -4,9 +4,6 @@ import json
 import os
 import time
 
-# Never reach the HF hub from tests (set before anything imports datasets / huggingface_hub).
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pyarrow
 import pyarrow.parquet

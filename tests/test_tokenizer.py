@@ -1,10 +1,6 @@
 """Tokenizer: BPE training, save/load round trips, GPT-2 files, fingerprints, data matching."""
 
-import os
 
-# Never reach the HF hub from tests (set before anything imports huggingface_hub).
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest
 
