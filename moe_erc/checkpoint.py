@@ -209,6 +209,16 @@ def read_metadata(step_dir: Path) -> dict[str, Any]:
     return json.loads((Path(step_dir) / METADATA).read_text())
 
 
+def _first_cause(exc: BaseException) -> str:
+    """The innermost useful line of a (possibly per-rank wrapped) loading error."""
+    failures = getattr(exc, "failures", None)  # torch DCP CheckpointException: {rank: exception}
+    if failures:
+        exc = next(iter(failures.values()))  # (exception, traceback) in torch 2.x
+        exc = exc[0] if isinstance(exc, tuple) else exc
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {(lines or [''])[-1][:200]}"
+
+
 def load(step_dir: str | Path, model_chunks, optimizer=None, scheduler=None) -> dict:
     """Collective. Loads model weights, and optimizer + scheduler (+ RNG in the same layout) when given.
     Returns the trainer state."""
@@ -223,11 +233,11 @@ def load(step_dir: str | Path, model_chunks, optimizer=None, scheduler=None) -> 
         with torch.no_grad():
             state = dist_checkpointing.load(template, str(step_dir))
         _unwrap(model_chunks[0]).load_state_dict(state["model"], strict=True)
-    except (CheckpointError, KeyboardInterrupt):
+    except (CheckpointError, KeyboardInterrupt, SystemExit):
         raise
-    except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
-        raise CheckpointError(f"cannot load {step_dir} into this model/layout ({type(exc).__name__}: {first}); "
+    except BaseException as exc:  # torch DCP wraps rank failures in CheckpointException(BaseException)
+        first = _first_cause(exc)
+        raise CheckpointError(f"cannot load {step_dir} into this model/layout ({first}); "
                               f"check that the config matches the one it was saved with") from None
     if with_optimizer:
         optimizer.load_state_dict(state["optimizer"])

@@ -27,11 +27,11 @@ TINY = [
 
 
 def train(run_dir: Path, data_prefix: str, *overrides: str, nproc: int = 1, timeout: int = 240,
-          expect_success: bool = True) -> subprocess.CompletedProcess:
+          expect_success: bool = True, debug: bool = True) -> subprocess.CompletedProcess:
     """Run ``moe-erc train`` (``torchrun --nproc-per-node nproc`` if nproc > 1) on the tiny model."""
     args = [*TINY, f"data.data_path={data_prefix}", f"logging.run_dir={run_dir}", *overrides]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "moe_erc", "train", "--debug", *args]
+        cmd = [sys.executable, "-m", "moe_erc", "train", *(["--debug"] if debug else []), *args]
     else:
         cmd = [*_torchrun(nproc), "-m", "moe_erc.train", *args]
     return _run(cmd, run_dir.parent, nproc, timeout, expect_success)

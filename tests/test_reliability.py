@@ -111,3 +111,14 @@ def test_non_finite_loss_policies(tiny_corpus, tmp_path, policy):
         assert "non-finite loss or gradients at step 2 (training.nan_policy=stop)" in last
         diagnostic = json.loads((run_dir / "nan_diagnostic_step2.json").read_text())
         assert diagnostic["step"] == 2 and diagnostic["non_finite_gradients"]
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_refused_in_one_line(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    train(run_dir, tiny_corpus, "training.train_iters=1")
+    other = tmp_path / "other"
+    proc = train(other, tiny_corpus, "training.train_iters=1", "moe.num_experts=8",
+                 f"checkpoint.load={run_dir / 'checkpoints'}", expect_success=False, debug=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2 and last.startswith("moe-erc: error: cannot load") and "Traceback" not in proc.stderr
+    assert "check that the config matches" in last
