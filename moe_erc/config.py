@@ -74,6 +74,7 @@ class MoEConfig(_Group):
     aoe_ffn_hidden_size: Optional[int] = None
     # Online K-Means (router: kmeans): EMA momentum of the per-expert centroids.
     kmeans_momentum: float = 0.99
+    kmeans_temperature: float = 1.0  # gates: softmax over the selected cosine similarities / temperature
 
 
 class ERCConfig(_Group):
@@ -233,6 +234,11 @@ def _value_problems(cfg: Config):
     if moe.router == "kmeans" and moe.moe_router_load_balancing_type != "none":
         yield ("moe.router=kmeans has no parameters a balancing loss could train; set "
                "moe.moe_router_load_balancing_type=none (and moe.moe_router_enable_expert_bias=true to balance)")
+    if moe.kmeans_temperature <= 0:
+        yield f"moe.kmeans_temperature={moe.kmeans_temperature} must be > 0"
+    if moe.moe_router_enable_expert_bias and moe.moe_router_score_function != "sigmoid" and moe.router == "topk":
+        yield ("moe.moe_router_enable_expert_bias=true (aux-loss-free balancing) needs "
+               "moe.moe_router_score_function=sigmoid")
     if not 0.0 <= moe.kmeans_momentum < 1.0:
         yield f"moe.kmeans_momentum={moe.kmeans_momentum} must be in [0, 1)"
     if moe.aoe_rank is not None and not 0 < moe.aoe_rank <= m.hidden_size:

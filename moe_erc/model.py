@@ -140,6 +140,12 @@ def build_model(cfg: Config, tf_config: TransformerConfig, vocab_size: int) -> G
         rotary_base=cfg.model.rotary_base,
     )
     routers.wire(model)
+    # Expert parameters always live in megatron's expert groups, as they do at EP > 1: the optimizer is then
+    # the same chained dense + expert one in every layout, so checkpoints with optimizer state reshard
+    # across EP sizes. At EP = 1 the expert-DP group is the DP group, so gradients are unchanged.
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            param.allreduce = False
     if torch.cuda.is_available():
         model.cuda(torch.cuda.current_device())
     return model

@@ -110,7 +110,10 @@ def set_seed(seed: int) -> None:
 
 
 def destroy() -> None:
-    """Tear down megatron's groups and the default process group."""
+    """Tear down megatron's groups, its per-layer MoE metrics, and the default process group."""
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    get_moe_metrics_tracker().metrics.clear()  # entries are sized for this model's layers
     parallel_state.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -83,8 +83,6 @@ def test_router_has_no_parameters_and_checkpoints_its_centroids_as_replicated_te
         assert tuple(tensor.local_shape) == (4, 64) and tuple(tensor.global_shape)[-2:] == (4, 64)  # not TP-split
 
 
-@pytest.mark.xfail(reason="moe_erc/routers/__init__.py builds the unbound KMeansRouter (class defaults) "
-                          "instead of kmeans_router_class(cfg)", strict=False)
 def test_the_model_builds_routers_with_the_configured_momentum_and_seed(env):
     model = _tiny_model(env, "moe.kmeans_momentum=0.5", "training.seed=99")
     for router in _routers(model):

@@ -72,3 +72,13 @@ def _prefix(run_dir: Path) -> str:
 
     data_path = yaml.safe_load((run_dir / "config.yaml").read_text())["data"]["data_path"]
     return data_path if isinstance(data_path, str) else data_path[0]
+
+
+def test_a_one_process_checkpoint_with_optimizer_state_resumes_under_ep2(tiny_corpus, tmp_path):
+    """Optimizer state saved by one process continues under EP=2 like the uninterrupted run."""
+    straight, moved = tmp_path / "straight", tmp_path / "moved"
+    train(straight, tiny_corpus, "training.train_iters=4")
+    train(moved, tiny_corpus, "training.train_iters=4", "training.exit_interval=2")
+    train(moved, tiny_corpus, "training.train_iters=4", "parallel.expert_model_parallel_size=2", nproc=2)
+    for step in (3, 4):
+        assert losses(moved)[step] == pytest.approx(losses(straight)[step], rel=2e-5)

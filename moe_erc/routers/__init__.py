@@ -21,9 +21,9 @@ from moe_erc.config import Config
 def router_and_experts(cfg: Config):
     """(router class or None to keep megatron's, experts class or None to keep megatron's)."""
     if cfg.moe.router == "kmeans":
-        from moe_erc.routers.kmeans import KMeansRouter
+        from moe_erc.routers.kmeans import kmeans_router_class
 
-        return KMeansRouter, None
+        return kmeans_router_class(cfg), None
     if cfg.moe.router == "aoe":
         from moe_erc.routers.aoe import aoe_classes
 

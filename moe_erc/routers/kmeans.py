@@ -205,4 +205,4 @@ def kmeans_router_class(cfg) -> type:
     """A :class:`KMeansRouter` bound to this run's momentum and seed (what the layer spec should build)."""
     return type("KMeansRouter", (KMeansRouter,), {
         "momentum": cfg.moe.kmeans_momentum, "base_seed": cfg.training.seed,
-        "temperature": getattr(cfg.moe, "kmeans_temperature", KMeansRouter.temperature)})
+        "temperature": cfg.moe.kmeans_temperature})
