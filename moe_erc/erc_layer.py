@@ -238,8 +238,10 @@ def erc_layer_stats(model_chunks, num_layers: int) -> dict[str, list[float]]:
     """Per-layer ERC statistics of the last step (``num_layers`` entries, NaN where no MoE layer).
     Collective over the pipeline group (each stage holds its own layers)."""
     names = ("erc_loss", "erc_margin", "eps_mean", "eps_min", "eps_max")
-    values = torch.zeros(len(names), num_layers, dtype=torch.float64)
-    present = torch.zeros(num_layers, dtype=torch.float64)
+    from moe_erc.parallel import comm_device
+
+    values = torch.zeros(len(names), num_layers, dtype=torch.float64, device=comm_device())
+    present = torch.zeros(num_layers, dtype=torch.float64, device=comm_device())
     for chunk in model_chunks:
         for module in chunk.modules():
             if isinstance(module, ERCRouter) and module.erc_stats and module.layer_number:

@@ -111,7 +111,11 @@ class RoutingMonitor:
                  trace_interval: int = 0, trace_tokens: int = 64, coupling_tokens: int = 256, seed: int = 0):
         self.model_chunks = model_chunks
         self.num_layers, self.num_experts = num_layers, num_experts
-        self.window = torch.zeros(num_layers, num_experts, dtype=torch.float64)
+        # Counters stay on the device collectives use (the GPU under NCCL): no host sync per micro-batch.
+        from moe_erc.parallel import comm_device
+
+        self.device = comm_device()
+        self.window = torch.zeros(num_layers, num_experts, dtype=torch.float64, device=self.device)
         self.step_counts = torch.zeros_like(self.window)
         self.valid = torch.zeros_like(self.window)
         self.trace_interval, self.trace_tokens = trace_interval, trace_tokens
@@ -136,7 +140,7 @@ class RoutingMonitor:
     def _make_hook(self, layer: int, moe_layer):
         def hook(router, inputs, outputs):
             routing_map = outputs[1]
-            counts = routing_map.sum(0).to(torch.float64).cpu()
+            counts = routing_map.sum(0).to(device=self.device, dtype=torch.float64)
             if router.training:
                 self.window[layer - 1] += counts
                 self.step_counts[layer - 1] += counts
@@ -200,11 +204,13 @@ class RoutingMonitor:
         step = _sum(self.step_counts.clone(), _token_group())
         step = _sum(step, parallel_state.get_pipeline_model_parallel_group())
         self.step_counts.zero_()
+        step = step.cpu()
         out = {"maxvio": _per_layer(maxvio(step), step)}
         if end_of_window:
             window = _sum(self.window.clone(), _token_group())
             window = _sum(window, parallel_state.get_pipeline_model_parallel_group())
             self.window.zero_()
+            window = window.cpu()
             out["dead_experts"] = _per_layer((window == 0).sum(-1).double(), window)
             out["tokens_per_expert"] = [row.tolist() if row.sum() > 0 else None for row in window]
             out.update(self._router_stats())
@@ -212,9 +218,9 @@ class RoutingMonitor:
         return out
 
     def _router_stats(self) -> dict[str, list]:
-        cos = torch.zeros(self.num_layers, dtype=torch.float64)
-        bias = torch.zeros(self.num_layers, dtype=torch.float64)
-        present = torch.zeros(self.num_layers, dtype=torch.float64)
+        cos = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
+        bias = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
+        present = torch.zeros(self.num_layers, dtype=torch.float64, device=self.device)
         for layer, module in _routers(self.model_chunks):
             router = module.router
             if isinstance(getattr(router, "weight", None), torch.Tensor):
@@ -224,6 +230,7 @@ class RoutingMonitor:
                 bias[layer - 1] = float(router.expert_bias.float().norm())
         pp = parallel_state.get_pipeline_model_parallel_group()
         _sum(cos, pp), _sum(bias, pp), _sum(present, pp)
+        cos, bias, present = cos.cpu(), bias.cpu(), present.cpu()
         out = {}
         if present.sum() > 0:
             out["router_cosine"] = [float(c) if p else None for c, p in zip(cos, present)]
@@ -238,10 +245,12 @@ class RoutingMonitor:
     def valid_stats(self) -> dict[str, list]:
         """Global MaxVio over the whole evaluation and the coupling score, per layer. Collective."""
         counts = _sum(_sum(self.valid.clone(), _token_group()), parallel_state.get_pipeline_model_parallel_group())
-        stats = self._coupling.stats
+        stats = self._coupling.stats.to(self.device)
         _sum(stats, dist.group.WORLD)  # each (layer, expert) pair was measured on one rank per token set
+        self._coupling.stats = stats.cpu()
         coupling = self._coupling.correlation()
         self._coupling = None
+        counts = counts.cpu()
         return {"maxvio_global": _per_layer(maxvio(counts), counts),
                 "coupling": [None if math.isnan(v) else float(v) for v in coupling.tolist()]}
 

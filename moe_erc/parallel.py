@@ -97,6 +97,13 @@ def topology() -> Topology:
     )
 
 
+def comm_device() -> torch.device:
+    """Where tensors handed to collectives must live: the GPU under NCCL, the CPU under gloo."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def set_seed(seed: int) -> None:
     """Seed python/numpy/torch and megatron's tracker (TP-, EP- and PP-aware streams).
 

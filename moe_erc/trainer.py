@@ -87,7 +87,7 @@ class GracefulStop:
         self.signal_name = signal.Signals(signum).name
 
     def requested(self) -> bool:
-        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32)
+        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32, device=parallel.comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled: everyone stops at this step
         if flag.item() and self.signal_name is None:
             self.signal_name = "a signal on another rank"
@@ -177,8 +177,8 @@ class Trainer:
         """Parameters of the whole model (experts and TP shards counted once)."""
         dense = sum(p.numel() for p in model.parameters() if getattr(p, "allreduce", True))
         expert = count_parameters(model) - dense
-        dense_t = torch.tensor([dense], dtype=torch.float64)
-        expert_t = torch.tensor([expert], dtype=torch.float64)
+        dense_t = torch.tensor([dense], dtype=torch.float64, device=parallel.comm_device())
+        expert_t = torch.tensor([expert], dtype=torch.float64, device=parallel.comm_device())
         dist.all_reduce(dense_t, group=parallel_state.get_tensor_model_parallel_group())
         dist.all_reduce(dense_t, group=parallel_state.get_pipeline_model_parallel_group())
         dist.all_reduce(expert_t, group=parallel_state.get_expert_tensor_and_model_parallel_group())
@@ -223,9 +223,9 @@ class Trainer:
 
     def _reduce_lm_loss(self, losses: list[dict]) -> float:
         """Token-weighted mean over micro-batches and DP ranks (NaN off the last pipeline stage)."""
-        total = torch.zeros(2, dtype=torch.float64)
+        total = torch.zeros(2, dtype=torch.float64, device=parallel.comm_device())
         for item in losses:
-            total += item["lm loss"].double()
+            total += item["lm loss"].double().to(total.device)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
         return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
 
@@ -264,7 +264,7 @@ class Trainer:
         ok = (math.isfinite(lm_loss) or not holds_loss) and all(
             bool(torch.isfinite(buffer.grad_data).all())
             for chunk in self.model for buffer in (*chunk.buffers, *chunk.expert_parallel_buffers))
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
+        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=parallel.comm_device())
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
