@@ -149,7 +149,3 @@ class Progress:
     def print(self, text: str) -> None:
         if self.enabled:
             print(text, flush=True)
-
-
-def device_memory_mb() -> float:
-    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
