@@ -125,6 +125,9 @@ class TrainingConfig(_Group):
     resume: str = "auto"  # auto | none | <checkpoint dir>
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Optional fused kernels (masked softmax, RoPE, bias-activation, ...) are used where what they need
+    # imports (moe_erc/kernels.py; the banner lists them); false = the unfused PyTorch paths everywhere.
+    fused_kernels: bool = True
     exit_interval: Optional[int] = None  # stop (with a checkpoint) after this many steps of this run
     nan_policy: Literal["skip", "stop"] = "skip"  # non-finite loss/gradients: skip the update, or stop
     max_skipped_steps: int = 10  # with nan_policy=skip: stop (with a diagnostic) after more skipped steps
@@ -314,6 +317,9 @@ def check_layout(cfg: Config, world_size: int, device: str = "cuda") -> None:
     if device == "cpu" and cfg.moe.moe_grouped_gemm:
         raise ConfigError("moe.moe_grouped_gemm=true needs transformer-engine on a CUDA GPU; set it to false "
                           "on CPU (experts then run as megatron's SequentialMLP)")
+    if device == "cpu" and t.precision == "fp16":
+        raise ConfigError("training.precision=fp16 needs a CUDA GPU (megatron-core's fp16 loss scaling is "
+                          "CUDA-only); use bf16 or fp32 on CPU")
     if device == "cpu" and p.use_distributed_optimizer:
         raise ConfigError(
             "parallel.use_distributed_optimizer=true needs CUDA: megatron-core's distributed optimizer only "

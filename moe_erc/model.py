@@ -12,10 +12,11 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from moe_erc.compat import import_megatron
+from moe_erc.compat import import_megatron, runtime_device
 from moe_erc.config import Config
 from moe_erc.errors import ConfigError
 from moe_erc import routers
+from moe_erc.kernels import Kernels, detect as detect_kernels, have_transformer_engine
 
 import_megatron()
 from megatron.core import parallel_state  # noqa: E402
@@ -24,15 +25,6 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec 
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def have_transformer_engine() -> bool:
-    """True when transformer-engine imports (GPU images); never required."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # ImportError, or OSError/RuntimeError for missing CUDA libraries
-        return False
-    return torch.cuda.is_available()
 
 
 def resolve_precision(cfg: Config, device: str) -> str:
@@ -48,20 +40,25 @@ def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
     return -(-vocab_size // multiple) * multiple
 
 
-def transformer_config(cfg: Config, precision: str = "fp32") -> TransformerConfig:
-    """Translate our config into megatron-core's ``TransformerConfig`` (fusions off unless on GPU)."""
-    m, moe, p = cfg.model, cfg.moe, cfg.parallel
+def transformer_config(cfg: Config, precision: str = "fp32", kernels: Kernels | None = None) -> TransformerConfig:
+    """Translate our config into megatron-core's ``TransformerConfig``.
+
+    ``kernels`` says which optional fused kernels to switch on (:func:`moe_erc.kernels.detect`); by default
+    those that run on this machine's CUDA device, none on CPU.
+    """
+    m, p = cfg.model, cfg.parallel
     tp = p.tensor_model_parallel_size
-    on_gpu = torch.cuda.is_available()
+    if kernels is None:
+        kernels = detect_kernels(runtime_device(), cfg.training.fused_kernels)
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
     try:
-        return _megatron_transformer_config(cfg, precision, tp, on_gpu, ffn)
+        return _megatron_transformer_config(cfg, precision, tp, kernels, ffn)
     except (ValueError, AssertionError) as exc:  # megatron's own checks: one line for the user
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"megatron-core rejected the model configuration: {first_line}") from None
 
 
-def _megatron_transformer_config(cfg: Config, precision: str, tp: int, on_gpu: bool, ffn: int):
+def _megatron_transformer_config(cfg: Config, precision: str, tp: int, kernels: Kernels, ffn: int):
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
     return TransformerConfig(
         num_layers=m.num_layers,
@@ -99,20 +96,21 @@ def _megatron_transformer_config(cfg: Config, precision: str, tp: int, on_gpu: b
         moe_grouped_gemm=moe.moe_grouped_gemm,
         moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
         moe_router_dtype=moe.moe_router_dtype,
-        moe_permute_fusion=False,
+        moe_permute_fusion=kernels.permute,
         # precision
         params_dtype=_DTYPES[precision],
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         pipeline_dtype=_DTYPES[precision],
-        # Fused kernels need apex/TE/CUDA; the unfused paths are the reference on CPU.
-        masked_softmax_fusion=on_gpu,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        # Optional fused kernels: on only where what they need imports (moe_erc/kernels.py).
+        masked_softmax_fusion=kernels.masked_softmax,
+        bias_activation_fusion=kernels.bias_activation,
+        bias_dropout_fusion=kernels.bias_dropout,
+        apply_rope_fusion=kernels.rope,
+        gradient_accumulation_fusion=kernels.grad_accumulation,
         persist_layer_norm=False,
-        cross_entropy_loss_fusion=False,
+        cross_entropy_loss_fusion=kernels.cross_entropy,
+        cross_entropy_fusion_impl="native",
         # Weights are drawn per rank from the RNG tracker (TP/EP-aware seeds). use_cpu_initialization
         # would give every EP rank the same experts.
         use_cpu_initialization=False,
@@ -146,9 +144,24 @@ def build_model(cfg: Config, tf_config: TransformerConfig, vocab_size: int) -> G
     for name, param in model.named_parameters():
         if ".mlp.experts." in name:
             param.allreduce = False
-    if torch.cuda.is_available():
+    _cast_parameters(model, tf_config.params_dtype)
+    if runtime_device() == "cuda" and torch.get_default_device().type != "meta":
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Every floating-point parameter in the compute dtype, as megatron's ``Float16Module`` leaves them.
+
+    A few modules ignore ``params_dtype`` (torch's RMSNorm/LayerNorm in the local spec are built in fp32).
+    megatron's mixed-precision optimizer keeps fp32 parameters in a separate group that its non-distributed
+    ``sharded_state_dict`` cannot map ("Param id ... does not match any model sharded param" at the first
+    save), and an fp32 norm weight makes the norm run outside the compute dtype. Buffers (expert bias,
+    K-Means centroids, RoPE frequencies) keep their own precision.
+    """
+    for param in model.parameters():
+        if param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _moe_submodules(layer_spec):

@@ -104,6 +104,13 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
+def compute_device(device: str) -> torch.device:
+    """The device this rank computes on: its GPU (set from LOCAL_RANK by :func:`initialize`) or the CPU."""
+    if device == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def set_seed(seed: int) -> None:
     """Seed python/numpy/torch and megatron's tracker (TP-, EP- and PP-aware streams).
 

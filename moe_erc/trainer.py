@@ -26,12 +26,15 @@ from moe_erc import checkpoint, parallel, routers
 from moe_erc.compat import prepare_runtime
 from moe_erc.config import Config, data_parallel_size
 from moe_erc.data.corpus import prepare_embedded_corpus
-from moe_erc.data.datasets import build_dataloader, build_gpt_datasets, check_indexed_dataset, parse_data_path
+from moe_erc.data.datasets import (build_dataloader, build_gpt_datasets, check_indexed_dataset, move_batch,
+                                   parse_data_path)
 from moe_erc.data.tokenizer import resolve_tokenizer
 from moe_erc.erc_layer import erc_layer_stats, set_training_step
 from moe_erc.errors import DataError, UserError
+from moe_erc.finite import all_finite, gradient_buffers, tensor_finite
 from moe_erc.instruments import RoutingMonitor, layer_summaries
 from moe_erc.metrics import MetricsWriter, Progress, clear_moe_layer_metrics, moe_layer_metrics
+from moe_erc.kernels import detect as detect_kernels
 from moe_erc.model import build_model, count_parameters, padded_vocab_size, resolve_precision, transformer_config
 from moe_erc.optim import build_optimizer, build_scheduler, wrap_ddp
 
@@ -106,6 +109,7 @@ class Trainer:
         self.cfg = cfg
         self.device = prepare_runtime(cfg.training.device)
         self.topo = parallel.initialize(cfg, self.device)
+        self.compute_device = parallel.compute_device(self.device)  # where batches go (cuda:LOCAL_RANK or cpu)
         self.is_logger = self.topo.is_logging_rank
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
@@ -132,7 +136,8 @@ class Trainer:
             raise DataError(f"data.split='{cfg.data.split}' leaves no training documents; give train a weight")
 
         # model, DDP, optimizer, schedule
-        self.tf_config = transformer_config(cfg, self.precision)
+        self.kernels = detect_kernels(self.device, cfg.training.fused_kernels)
+        self.tf_config = transformer_config(cfg, self.precision, self.kernels)
         if cfg.model.vocab_size is not None and self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise DataError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
                             f"{cfg.model.vocab_size}; raise model.vocab_size or remove it")
@@ -210,7 +215,8 @@ class Trainer:
 
     def _forward_step(self, data_iterator: Iterator[dict], model):
         batch = next(data_iterator)
-        self.monitor.set_batch(self.step, batch["tokens"])
+        self.monitor.set_batch(self.step, batch["tokens"])  # the host copy: the routing trace reads it there
+        batch = move_batch(batch, self.compute_device)
         output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         if self._nan_test_step == self.step and model.training:
             output = output * float("nan")  # test hook: a non-finite loss and gradients at this step
@@ -219,15 +225,21 @@ class Trainer:
     def _data_iterator(self, dataset, consumed_samples: int):
         return iter(build_dataloader(dataset, self.cfg.training.micro_batch_size, self.topo.dp_rank,
                                      self.dp, consumed_samples=consumed_samples,
-                                     num_workers=self.cfg.data.num_workers))
+                                     num_workers=self.cfg.data.num_workers,
+                                     pin_memory=self.compute_device.type == "cuda"))
 
-    def _reduce_lm_loss(self, losses: list[dict]) -> float:
-        """Token-weighted mean over micro-batches and DP ranks (NaN off the last pipeline stage)."""
+    def _lm_loss_sums(self, losses: list[dict]) -> torch.Tensor:
+        """``[loss sum, token count]`` over micro-batches and DP ranks, on the device (no host sync)."""
         total = torch.zeros(2, dtype=torch.float64, device=parallel.comm_device())
         for item in losses:
             total += item["lm loss"].double().to(total.device)
         dist.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        return (total[0] / total[1]).item() if total[1] > 0 else float("nan")
+        return total
+
+    def _reduce_lm_loss(self, losses: list[dict]) -> float:
+        """Token-weighted mean over micro-batches and DP ranks (NaN off the last pipeline stage)."""
+        loss_sum, count = self._lm_loss_sums(losses).tolist()
+        return loss_sum / count if count > 0 else float("nan")
 
     def train_step(self, data_iterator) -> dict:
         """One optimizer step over ``num_microbatches`` micro-batches. Returns scalars for logging."""
@@ -246,8 +258,8 @@ class Trainer:
             forward_only=False,
         )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        lm_loss = self._reduce_lm_loss(losses)
-        if not self._finite(lm_loss, bool(losses)):
+        lm_loss, finite = self._loss_and_finite(losses)
+        if not finite:
             return {"lm_loss": lm_loss, "lr": lr, "grad_norm": float("nan"), "skipped": 1, "non_finite": True}
         updated, grad_norm, _ = self.optimizer.step()
         routers.after_optimizer_step(self.model)
@@ -259,14 +271,21 @@ class Trainer:
             "skipped": 0 if updated else 1,
         }
 
-    def _finite(self, lm_loss: float, holds_loss: bool) -> bool:
-        """Loss and every gradient finite on every rank (one all-reduce of a flag)."""
-        ok = (math.isfinite(lm_loss) or not holds_loss) and all(
-            bool(torch.isfinite(buffer.grad_data).all())
-            for chunk in self.model for buffer in (*chunk.buffers, *chunk.expert_parallel_buffers))
-        flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=parallel.comm_device())
+    def _loss_and_finite(self, losses: list[dict]) -> tuple[float, bool]:
+        """(mean LM loss, loss and every gradient finite on every rank), read with one host sync per step.
+
+        The finite check is a min/max reduction per gradient buffer (:mod:`moe_erc.finite`): no memory
+        proportional to the model; the flag is all-reduced on the device with the loss.
+        """
+        device = parallel.comm_device()
+        total = self._lm_loss_sums(losses)
+        ok = all_finite(gradient_buffers(self.model), device)
+        if losses:  # ranks without the loss (earlier pipeline stages) vote on gradients only
+            ok &= tensor_finite(total)
+        flag = ok.to(torch.int32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
+        loss_sum, count, finite = torch.cat([total, flag.double()]).tolist()
+        return (loss_sum / count if count > 0 else float("nan")), bool(finite)
 
     def _non_finite_step(self, scalars: dict) -> None:
         """``training.nan_policy``: skip the update (and stop after too many), or stop with a diagnostic."""
@@ -292,7 +311,7 @@ class Trainer:
         for chunk in self.model:
             for name, param in chunk.module.named_parameters():
                 grad = getattr(param, "main_grad", None)
-                if grad is not None and not bool(torch.isfinite(grad).all()):
+                if grad is not None and not bool(tensor_finite(grad)):
                     names.append(name)
         return names[:limit]
 
@@ -416,8 +435,9 @@ class Trainer:
                 f"ERC {'on (alpha=%g)' % cfg.erc.alpha if cfg.erc.enabled else 'off'} | "
                 f"world {self.topo.world_size} = TP{p.tensor_model_parallel_size} x "
                 f"PP{p.pipeline_model_parallel_size} x DP{self.dp} (EP{p.expert_model_parallel_size}) | "
-                f"{self.device}, {self.precision} | vocab {self.tokenizer.vocab_size} (padded {self.vocab_size})"
-                f" | run dir {self.run_dir}")
+                f"{self.compute_device}, {self.precision} | vocab {self.tokenizer.vocab_size} "
+                f"(padded {self.vocab_size}) | run dir {self.run_dir}\n"
+                f"moe-erc: {self.kernels.summary()} | optimizer {self.kernels.optimizer()}")
 
     def close(self) -> None:
         self.monitor.close()

@@ -49,8 +49,26 @@ def prepare_runtime(device: str | None = None) -> str:
     import_megatron()
     if device in (None, "auto"):
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        from moe_erc.errors import ConfigError
+
+        raise ConfigError(f"training.device=cuda but this torch ({torch.__version__}) sees no CUDA device; "
+                          f"install a CUDA build of torch on a GPU machine, or set training.device=cpu")
     if device == "cpu":
         from moe_erc.compat import cpu
 
         cpu.apply()
+    _RUNTIME["device"] = device
     return device
+
+
+_RUNTIME: dict = {"device": None}
+
+
+def runtime_device() -> str:
+    """The device :func:`prepare_runtime` chose (``cuda`` or ``cpu``); before it runs, ``cuda`` if present.
+
+    Model code allocates where megatron-core does: on the current GPU, or on the CPU (also when a GPU
+    machine runs with ``training.device=cpu``).
+    """
+    return _RUNTIME["device"] or ("cuda" if torch.cuda.is_available() else "cpu")

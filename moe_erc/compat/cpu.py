@@ -19,6 +19,7 @@ Every target is looked up strictly: a module or attribute that an upstream relea
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import logging
 import types
@@ -273,6 +274,31 @@ def _torch_norm_with_sequence_parallel(original_new):
     return __new__
 
 
+def _cuda_type_name(tensor: torch.Tensor) -> str:
+    """``torch.BFloat16Tensor`` -> ``torch.cuda.BFloat16Tensor`` (what megatron's type checks expect)."""
+    name = torch.Tensor.type(tensor)
+    return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+
+
+def _float16_optimizer_init_on_cpu(original_init):
+    """megatron's mixed-precision optimizer sorts parameters into fp16/bf16 and fp32 groups by
+    ``param.type()`` and accepts only ``torch.cuda.*`` names, so bf16 training cannot start on CPU. For the
+    duration of its constructor each parameter answers ``type()`` with the CUDA name of its dtype (an
+    instance attribute shadowing the method; removed afterwards); megatron's own code does the sorting."""
+
+    def __init__(self, optimizer, *args, **kwargs):
+        params = [p for group in optimizer.param_groups for p in group["params"]] if optimizer else []
+        for param in params:
+            param.type = functools.partial(_cuda_type_name, param)
+        try:
+            original_init(self, optimizer, *args, **kwargs)
+        finally:
+            for param in params:
+                param.__dict__.pop("type", None)
+
+    return __init__
+
+
 @dataclass(frozen=True)
 class FunctionPatch:
     module: str
@@ -297,6 +323,9 @@ FUNCTION_PATCHES: list[FunctionPatch] = [
     FunctionPatch("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32",
                   lambda original: _clip_grad_by_total_norm_on_cpu,
                   "same function, for callers that import it from clip_grads"),
+    FunctionPatch("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__",
+                  _float16_optimizer_init_on_cpu,
+                  "sorts bf16/fp32 parameters by param.type() and accepts only torch.cuda.* types (bf16 on CPU)"),
     FunctionPatch("megatron.core.transformer.torch_norm", "WrappedTorchNorm.__new__",
                   _torch_norm_with_sequence_parallel,
                   "asserts no sequence parallelism, which MoE with TP>1 requires"),

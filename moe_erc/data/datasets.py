@@ -171,13 +171,15 @@ def build_dataloader(
     data_parallel_size: int,
     consumed_samples: int = 0,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """Batches ``[micro_batch_size, seq_length]`` of ``dataset`` for one data-parallel rank.
 
     Samples are taken in index order (the dataset is already shuffled) in global micro-batches of
     ``micro_batch_size * data_parallel_size``; rank ``r`` gets the ``r``-th slice of each. Starts
     after ``consumed_samples`` (all ranks together) so a resumed run continues exactly; a last
-    incomplete global micro-batch is dropped.
+    incomplete global micro-batch is dropped. ``pin_memory`` (for a GPU) lets :func:`move_batch` copy
+    batches to the device asynchronously.
     """
     sampler = PretrainingBatchSampler(
         len(dataset), micro_batch_size, data_parallel_rank, data_parallel_size, consumed_samples
@@ -188,10 +190,18 @@ def build_dataloader(
         num_workers=num_workers,
         collate_fn=torch.utils.data.default_collate,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
         # Its own generator: creating an iterator draws a worker seed, which must not move the global
         # RNG (dropout, ERC noise) or a resumed run would diverge from an uninterrupted one.
         generator=torch.Generator().manual_seed(0),
     )
+
+
+def move_batch(batch: dict, device: torch.device) -> dict:
+    """Every tensor of ``batch`` on ``device``. From pinned host memory the copies are asynchronous
+    (``non_blocking``): the host queues them and goes on; the GPU stream orders them before their use."""
+    return {key: value.to(device, non_blocking=True) if torch.is_tensor(value) else value
+            for key, value in batch.items()}
 
 
 class PretrainingBatchSampler:

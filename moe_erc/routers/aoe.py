@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_erc.compat import import_megatron
+from moe_erc.compat import import_megatron, runtime_device
 from moe_erc.config import Config
 
 import_megatron()
@@ -47,6 +47,13 @@ def aoe_width(cfg: Config) -> int:
     d, r = cfg.model.hidden_size, aoe_rank(cfg)
     D = cfg.moe.moe_ffn_hidden_size or cfg.model.ffn_hidden_size or 4 * d
     return max(1, round((d + 3 * d * D - d * r) / (r + 2 * d)))
+
+
+def expert_param_device():
+    """The current GPU when running on CUDA, else the default device (the CPU, or meta in ``moe-erc plan``)."""
+    if runtime_device() == "cuda" and torch.get_default_device().type != "meta":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.get_default_device()
 
 
 class AoERouter(TopKRouter):
@@ -95,10 +102,13 @@ class AoEExperts(MegatronModule):
             raise ValueError("moe.router=aoe needs parallel.expert_tensor_parallel_size=1")
         self.num_local_experts = num_local_experts
         d, r, w = config.hidden_size, self.rank, self.width
-        dtype = config.params_dtype
-        self.up_gate = torch.nn.Parameter(torch.empty(num_local_experts, w, r, dtype=dtype))
-        self.up_proj = torch.nn.Parameter(torch.empty(num_local_experts, w, d, dtype=dtype))
-        self.down_proj = torch.nn.Parameter(torch.empty(num_local_experts, d, w, dtype=dtype))
+        # Allocated where the RNG tracker's expert-parallel stream draws: on the GPU, the tracker forks
+        # the CUDA generator, so weights made on the CPU and moved later would be identical on every EP
+        # rank. (On CPU the compat layer points the tracker at the CPU generator.) megatron does the same.
+        like = {"dtype": config.params_dtype, "device": expert_param_device()}
+        self.up_gate = torch.nn.Parameter(torch.empty(num_local_experts, w, r, **like))
+        self.up_proj = torch.nn.Parameter(torch.empty(num_local_experts, w, d, **like))
+        self.down_proj = torch.nn.Parameter(torch.empty(num_local_experts, d, w, **like))
         if config.perform_initialization:
             # Per EP rank stream, as megatron does for its experts (different experts on different ranks).
             from megatron.core.tensor_parallel.random import get_cuda_rng_tracker, get_expert_parallel_rng_tracker_name
