@@ -74,6 +74,18 @@ def test_cached_low_rank_activation_equals_recomputation(aoe_layer):
     assert torch.allclose(out_cached, out_recomputed, atol=1e-6)
 
 
+def test_each_expert_parallel_rank_draws_its_own_experts(aoe_layer):
+    """Rank 1's experts differ from rank 0's and are reproducible; weights live on the device whose
+    generator the RNG tracker forks (tests/gpu/ repeats this on a GPU, where that is the CUDA device)."""
+    from aoe_ranks import experts_as_ep_rank
+
+    cfg = aoe_layer[0]
+    rank0, rank1, rank0_again = (experts_as_ep_rank(cfg, r) for r in (0, 1, 0))
+    for name in rank0:
+        assert not torch.equal(rank0[name], rank1[name]), name
+        assert torch.equal(rank0[name], rank0_again[name]), name
+
+
 @pytest.fixture(scope="module")
 def aoe_run(tiny_corpus, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("aoe") / "run"

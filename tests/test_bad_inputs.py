@@ -110,6 +110,8 @@ CASES = {
     "batch multiple": (T("training.global_batch_size=3"), "must be a multiple of micro_batch_size"),
     "grouped gemm on cpu": (T("moe.moe_grouped_gemm=true"), "needs transformer-engine on a CUDA GPU"),
     "distributed optimizer on cpu": (T("parallel.use_distributed_optimizer=true"), "needs CUDA"),
+    "fp16 on cpu": (T("training.precision=fp16"), "precision=fp16 needs a CUDA GPU"),
+    "cuda asked, none here": (T("training.device=cuda"), "sees no CUDA device"),
     # -- data and tokenizer
     "missing data": (T("data.data_path={root}/missing"), "missing"),
     "truncated bin": (T("data.data_path={truncated}"), "truncated"),

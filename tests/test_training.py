@@ -53,6 +53,7 @@ def test_two_process_layouts_match_one_process(reference, tmp_path, layout):
     ("one-process", 1, []),
     ("dropout-rng", 1, ["model.hidden_dropout=0.1", "model.attention_dropout=0.1"]),  # RNG states restored
     ("ep2", 2, ["parallel.expert_model_parallel_size=2", "erc.enabled=true"]),          # ERC noise by step
+    ("bf16-erc", 1, ["training.precision=bf16", "erc.enabled=true"]),  # mixed-precision optimizer state
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_resume_continues_exactly(tiny_corpus, tmp_path, variant, nproc, extra):
     """Stopped after 3 steps and resumed, a run logs the same losses as one that never stopped."""
