@@ -1,6 +1,7 @@
 """Tokenize raw text into megatron-core indexed datasets (``{prefix}.bin`` + ``{prefix}.idx``).
 
-Inputs, read with HF ``datasets`` in streaming mode (so memory stays flat on large corpora):
+Inputs (JSON, parquet and hub datasets are read with HF ``datasets`` in streaming mode, so memory stays
+flat on large corpora; plain text needs no ``datasets``):
 
 * ``.txt`` / ``.md`` / ``.markdown`` / ``.text`` files: a whole file is one document (key ``text``);
   for corpora of many small documents use JSON lines instead.
@@ -258,15 +259,14 @@ def _check_keys_fit_sources(sources: list[Source], json_keys: list[str]) -> None
 
 
 def _load_streaming(source: Source):
-    """An HF ``IterableDataset`` over one source (one file at a time: files may differ in columns)."""
+    """Records of one source (one file at a time: files may differ in columns). A text file is one record
+    read directly; other kinds stream through an HF ``IterableDataset``."""
+    if source.kind == "text":  # no `datasets` needed: GPU images without it can tokenize plain text
+        return [{"text": Path(source.location).read_text(encoding="utf-8")}]
     import datasets  # imported here: slow, and only needed while reading
 
     if source.kind == "hub":
         return datasets.load_dataset(source.location, split="train", streaming=True)
-    if source.kind == "text":
-        return datasets.load_dataset(
-            "text", data_files=[source.location], sample_by="document", split="train", streaming=True
-        )
     return datasets.load_dataset(source.kind, data_files=[source.location], split="train", streaming=True)
 
 
