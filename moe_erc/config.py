@@ -314,9 +314,6 @@ def check_layout(cfg: Config, world_size: int, device: str = "cuda") -> None:
             "requires sequence parallelism with TP; remove the override")
     if (tp > 1 or p.sequence_parallel) and m.seq_length % tp:
         raise ConfigError(f"model.seq_length={m.seq_length} must be divisible by tensor_model_parallel_size={tp}")
-    if device == "cpu" and cfg.moe.moe_grouped_gemm:
-        raise ConfigError("moe.moe_grouped_gemm=true needs transformer-engine on a CUDA GPU; set it to false "
-                          "on CPU (experts then run as megatron's SequentialMLP)")
     if device == "cpu" and t.precision == "fp16":
         raise ConfigError("training.precision=fp16 needs a CUDA GPU (megatron-core's fp16 loss scaling is "
                           "CUDA-only); use bf16 or fp32 on CPU")

@@ -67,12 +67,16 @@ def noise_seed(base_seed: int, step: int, layer_number: int) -> int:
 # Expert weight layouts
 
 
-def gate_weights(experts: torch.nn.Module, gated: bool) -> list[torch.Tensor]:
-    """This rank's gate projections, one ``[D_shard, d]`` view per local expert.
+def gate_weights(experts: torch.nn.Module, gated: bool):
+    """This rank's gate projections: a stacked ``[m, D_shard, d]`` view (GroupedExperts) or one ``[D_shard, d]``
+    view per local expert.
 
     SwiGLU experts keep ``[gate; up]`` stacked in ``linear_fc1`` (gate first), non-gated experts use all
-    of ``linear_fc1``. Supports megatron's ``SequentialMLP`` and TE ``GroupedLinear`` (``weight0..``).
+    of ``linear_fc1``. Supports :class:`moe_erc.experts.GroupedExperts`, megatron's ``SequentialMLP`` and
+    TE ``GroupedLinear`` (``weight0..``).
     """
+    if hasattr(experts, "gate_weight"):  # GroupedExperts: one strided view, no copy
+        return experts.gate_weight()
     fc1_weights: list[torch.Tensor]
     if hasattr(experts, "local_experts"):  # SequentialMLP
         fc1_weights = [expert.linear_fc1.weight for expert in experts.local_experts]
@@ -81,8 +85,8 @@ def gate_weights(experts: torch.nn.Module, gated: bool) -> list[torch.Tensor]:
         fc1_weights = [getattr(fc1, f"weight{i}") for i in range(fc1.num_gemms)]
     else:
         raise NotImplementedError(
-            f"ERC does not know the weight layout of {type(experts).__name__}; supported: SequentialMLP, "
-            f"TEGroupedMLP (set moe.moe_grouped_gemm=false to use SequentialMLP)")
+            f"ERC does not know the weight layout of {type(experts).__name__}; supported: GroupedExperts, "
+            f"SequentialMLP, TEGroupedMLP (set moe.moe_grouped_gemm=false to use SequentialMLP)")
     if not gated:
         return fc1_weights
     return [w[: w.shape[0] // 2] for w in fc1_weights]

@@ -26,6 +26,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from moe_erc.compat import runtime_device
+
 _SOFTMAX_EXTENSIONS = ("scaled_masked_softmax_cuda", "scaled_upper_triang_masked_softmax_cuda",
                        "scaled_softmax_cuda")
 
@@ -40,8 +42,8 @@ def _imports(module: str) -> bool:
 
 
 def have_transformer_engine() -> bool:
-    """transformer-engine's PyTorch API imports and a CUDA device is present (GPU images only)."""
-    return torch.cuda.is_available() and _imports("transformer_engine.pytorch")
+    """transformer-engine's PyTorch API imports and this run computes on a GPU (GPU images only)."""
+    return runtime_device() == "cuda" and torch.cuda.is_available() and _imports("transformer_engine.pytorch")
 
 
 def have_nvidia_apex() -> bool:

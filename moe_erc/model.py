@@ -7,8 +7,6 @@ the module for this pipeline stage. Parallel state must already be initialised
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -16,12 +14,12 @@ from moe_erc.compat import import_megatron, runtime_device
 from moe_erc.config import Config
 from moe_erc.errors import ConfigError
 from moe_erc import routers
-from moe_erc.kernels import Kernels, detect as detect_kernels, have_transformer_engine
+from moe_erc.kernels import Kernels, detect as detect_kernels
+from moe_erc.spec import decoder_block_spec
 
 import_megatron()
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
 from megatron.core.transformer import TransformerConfig  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -93,7 +91,8 @@ def _megatron_transformer_config(cfg: Config, precision: str, tp: int, kernels: 
         moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
         moe_router_bias_update_rate=moe.moe_router_bias_update_rate,
         moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
-        moe_grouped_gemm=moe.moe_grouped_gemm,
+        # TE's grouped GEMM; without TE, moe_erc.spec puts GroupedExperts in the spec instead.
+        moe_grouped_gemm=moe.moe_grouped_gemm and kernels.transformer_engine,
         moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
         moe_router_dtype=moe.moe_router_dtype,
         moe_permute_fusion=kernels.permute,
@@ -119,11 +118,7 @@ def _megatron_transformer_config(cfg: Config, precision: str, tp: int, kernels: 
 
 def build_model(cfg: Config, tf_config: TransformerConfig, vocab_size: int) -> GPTModel:
     """GPTModel for this pipeline stage. ``vocab_size`` is the padded size (:func:`padded_vocab_size`)."""
-    use_te = have_transformer_engine()
-    block_spec = get_gpt_decoder_block_spec(tf_config, use_transformer_engine=use_te)
-    router, experts = routers.router_and_experts(cfg)
-    if router is not None or experts is not None:
-        _use_moe_classes(block_spec, router, experts)
+    block_spec = decoder_block_spec(cfg, tf_config)
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     model = GPTModel(
@@ -162,28 +157,6 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for param in model.parameters():
         if param.is_floating_point() and param.dtype != dtype:
             param.data = param.data.to(dtype)
-
-
-def _moe_submodules(layer_spec):
-    """The ``MoESubmodules`` of a layer spec's MLP, or None for a dense layer. megatron-core 0.19 builds
-    the MLP entry as ``partial(MoELayer, submodules=...)``; older releases as a ``ModuleSpec``."""
-    mlp = getattr(layer_spec.submodules, "mlp", None)
-    if isinstance(mlp, functools.partial):
-        submodules = mlp.keywords.get("submodules")
-    else:
-        submodules = getattr(mlp, "submodules", None)
-    return submodules if hasattr(submodules, "router") else None
-
-
-def _use_moe_classes(block_spec, router, experts) -> None:
-    """Swap router / expert classes in every MoE layer spec (megatron's plug-in point; no MoELayer subclass)."""
-    for spec in block_spec.layer_specs:
-        submodules = _moe_submodules(spec)
-        if submodules is not None:
-            if router is not None:
-                submodules.router = router
-            if experts is not None:
-                submodules.experts = experts
 
 
 def count_parameters(model: torch.nn.Module) -> int:

@@ -108,7 +108,6 @@ CASES = {
     "tp needs processes": (T("parallel.tensor_model_parallel_size=2"), "world size 1 is not divisible"),
     "world size mismatch": (T("parallel.world_size=8"), "parallel.world_size=8 but 1 processes were launched"),
     "batch multiple": (T("training.global_batch_size=3"), "must be a multiple of micro_batch_size"),
-    "grouped gemm on cpu": (T("moe.moe_grouped_gemm=true"), "needs transformer-engine on a CUDA GPU"),
     "distributed optimizer on cpu": (T("parallel.use_distributed_optimizer=true"), "needs CUDA"),
     "fp16 on cpu": (T("training.precision=fp16"), "precision=fp16 needs a CUDA GPU"),
     "cuda asked, none here": (T("training.device=cuda"), "sees no CUDA device"),

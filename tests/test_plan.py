@@ -44,31 +44,34 @@ def test_plan_refuses_impossible_layouts_in_one_line(args, message):
     assert last.startswith("moe-erc: error:") and message in last and "Traceback" not in proc.stderr
 
 
-def test_transformer_engine_selects_the_te_spec_and_cpu_the_local_one(monkeypatch):
-    from moe_erc import model as model_lib
+def test_transformer_engine_selects_the_te_spec_and_otherwise_our_grouped_experts(monkeypatch):
+    """With TE: megatron's TE spec (its grouped GEMM experts). Without: the local spec with
+    moe_erc.experts.GroupedExperts swapped in, and megatron's own grouped-GEMM switch left off."""
+    from moe_erc import model as model_lib, spec
     from moe_erc.config import load_config
+    from moe_erc.experts import GroupedExperts
 
     seen = []
 
-    class Stop(Exception):
-        pass
-
     def fake_spec(config, use_transformer_engine, **kwargs):
-        seen.append((use_transformer_engine, config.moe_grouped_gemm))
-        raise Stop
+        seen.append(use_transformer_engine)
+        return real_spec(config, use_transformer_engine=False)
 
-    monkeypatch.setattr(model_lib, "get_gpt_decoder_block_spec", fake_spec)
-    cfg = load_config(None, ["moe.moe_grouped_gemm=true"])
-    tf = model_lib.transformer_config(cfg)
-    for have_te in (True, False):
-        monkeypatch.setattr(model_lib, "have_transformer_engine", lambda: have_te)
-        with pytest.raises(Stop):
-            model_lib.build_model(cfg, tf, 256)
-    assert seen == [(True, True), (False, True)]
+    real_spec = spec.get_gpt_decoder_block_spec
+    monkeypatch.setattr(spec, "get_gpt_decoder_block_spec", fake_spec)
+    from moe_erc import parallel
+    from moe_erc.compat import prepare_runtime
 
-
-def test_grouped_gemm_is_refused_on_cpu():
-    from moe_erc.config import ConfigError, check_layout, load_config
-
-    with pytest.raises(ConfigError, match="moe_grouped_gemm=true needs transformer-engine"):
-        check_layout(load_config(None, ["moe.moe_grouped_gemm=true"]), 1, device="cpu")
+    cfg = load_config(None, ["moe.moe_grouped_gemm=true", "model.num_layers=1"])
+    assert model_lib.transformer_config(cfg).moe_grouped_gemm is False  # no TE here
+    experts = []
+    parallel.initialize(cfg, prepare_runtime("cpu"))
+    try:
+        for have_te in (True, False):
+            monkeypatch.setattr(spec, "have_transformer_engine", lambda: have_te)
+            block = spec.decoder_block_spec(cfg, model_lib.transformer_config(cfg))
+            experts.append(spec._moe_submodules(block.layer_specs[0]).experts)
+    finally:
+        parallel.destroy()
+    assert seen == [True, False]
+    assert experts[1] is GroupedExperts and experts[0] is not GroupedExperts
