@@ -56,35 +56,76 @@ def proxy_tokens(router_weight: torch.Tensor, eps: torch.Tensor,
     return router_weight.float() * delta
 
 
-def _as_chunks(gate_weight: GateWeights, n_rows: int) -> list[tuple[int, int, torch.Tensor]]:
-    """Split gate weights into ``(first_expert, num_experts, [c*D, d] matrix)`` chunks of bounded size.
+def _chunks(gate_weight: GateWeights, n_rows: int) -> list[tuple[int, int, torch.Tensor]]:
+    """Split gate weights into ``(first_expert, num_experts, [c, D, d] tensor)`` chunks of bounded size.
 
-    A stacked ``[m, D, d]`` tensor is cut into views (no copy); a list gives one chunk per expert.
+    A stacked ``[m, D, d]`` tensor (contiguous, or a strided view such as GroupedExperts' gate half) is cut
+    into views; list entries are stacked one chunk at a time (a copy of one chunk, in the weights' dtype).
     """
     if isinstance(gate_weight, torch.Tensor):
         if gate_weight.dim() != 3:
             raise ValueError(f"gate_weight must be [m, D, d], got shape {tuple(gate_weight.shape)}")
-        m, width, d = gate_weight.shape
-        per_chunk = max(1, CHUNK_ELEMENTS // max(n_rows * width, 1))
-        return [(a, min(per_chunk, m - a), gate_weight[a:a + per_chunk].reshape(-1, d))
-                for a in range(0, m, per_chunk)]
-    return [(j, 1, w) for j, w in enumerate(gate_weight)]
+        m, width, _ = gate_weight.shape
+    else:
+        m, width = len(gate_weight), gate_weight[0].shape[0]
+    per_chunk = max(1, CHUNK_ELEMENTS // max(n_rows * width, 1))
+    chunks = []
+    for first in range(0, m, per_chunk):
+        count = min(per_chunk, m - first)
+        part = gate_weight[first:first + count]
+        chunks.append((first, count, part if isinstance(part, torch.Tensor) else torch.stack(list(part))))
+    return chunks
+
+
+def _gate_activations(proxies: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``[n, d]`` proxies (in the weights' dtype), ``[c, D, d]`` weights -> ``[n, c, D]`` gate activations.
+
+    GEMMs in the weights' dtype (bf16 on GPU: tensor cores, fp32 accumulation), never an fp32 weight copy.
+    Contiguous weights: one GEMM ``[n, d] x [d, c*D]`` (the floor). Strided views (GroupedExperts' gate
+    half of ``[m, 2D, d]``): a batched GEMM that reads the view in place (cuBLAS; the CPU copies the chunk).
+    """
+    c, width, d = weights.shape
+    if weights.is_contiguous():
+        return (proxies @ weights.view(c * width, d).t()).view(-1, c, width)
+    return torch.bmm(proxies.expand(c, *proxies.shape), weights.transpose(1, 2)).transpose(0, 1)
+
+
+def _gate_backward(g: torch.Tensor, proxies: torch.Tensor, weights: torch.Tensor, grad_out=None):
+    """``dL/dH`` ``[n, c, D]`` -> (``dL/dP`` ``[n, d]`` in the GEMM dtype, ``dL/dW`` ``[c, D, d]`` written into
+    ``grad_out`` when given)."""
+    c, width, d = weights.shape
+    if weights.is_contiguous():
+        flat_g, flat_w = g.view(-1, c * width), weights.view(c * width, d)
+        grad_p = flat_g @ flat_w
+        if grad_out is not None and grad_out.is_contiguous():
+            torch.mm(flat_g.t(), proxies, out=grad_out.view(c * width, d))
+        elif grad_out is not None:
+            grad_out.copy_((flat_g.t() @ proxies).view(c, width, d))
+        return grad_p
+    per_expert = g.transpose(0, 1)  # [c, n, D]
+    grad_p = torch.bmm(per_expert, weights).sum(0)
+    if grad_out is not None:
+        grad_out.copy_(torch.bmm(per_expert.transpose(1, 2), proxies.expand(c, *proxies.shape)))
+    return grad_p
 
 
 class _GateSquaredNorms(torch.autograd.Function):
-    """``S[i, j] = ||W_j p_i||^2`` keeping only ``[n, m]`` for backward (gate activations recomputed)."""
+    """``S[i, j] = ||W_j p_i||^2`` keeping only ``[n, m]`` for backward (gate activations recomputed).
+
+    GEMMs run in the weights' dtype; squared norms, their gradients and the proxies' gradient in fp32.
+    """
 
     @staticmethod
     def forward(ctx, proxies, stacked, *weights):
         gate = stacked if stacked is not None else list(weights)
-        chunks = _as_chunks(gate, proxies.shape[0])
-        m = sum(c for _, c, _ in chunks)
         n = proxies.shape[0]
-        out = proxies.new_empty(n, m, dtype=torch.float32)
-        p = proxies.float()
+        p = proxies.to(gate[0].dtype)
+        chunks = _chunks(gate, n)
+        acc = torch.promote_types(p.dtype, torch.float32)  # fp32 (fp64 stays fp64)
+        out = proxies.new_empty(n, sum(c for _, c, _ in chunks), dtype=acc)
         for first, count, w in chunks:
-            h = p @ w.float().t()  # [n, c*D]
-            out[:, first:first + count] = h.view(n, count, -1).pow(2).sum(-1)
+            h = _gate_activations(p, w)  # [n, c, D]
+            out[:, first:first + count] = torch.linalg.vector_norm(h, dim=-1, dtype=acc).square()
         ctx.save_for_backward(proxies, stacked if stacked is not None else None, *weights)
         ctx.has_stacked = stacked is not None
         return out
@@ -94,24 +135,25 @@ class _GateSquaredNorms(torch.autograd.Function):
         proxies, stacked, *weights = ctx.saved_tensors
         gate = stacked if ctx.has_stacked else weights
         n = proxies.shape[0]
-        p = proxies.float()
+        p = proxies.to(gate[0].dtype)
         need_p, need_w = ctx.needs_input_grad[0], any(ctx.needs_input_grad[1:])
-        grad_p = torch.zeros_like(p) if need_p else None
+        acc = torch.promote_types(p.dtype, torch.float32)
+        grad_p = torch.zeros(proxies.shape, dtype=acc, device=proxies.device) if need_p else None
         grad_stacked = torch.empty_like(stacked) if ctx.has_stacked and need_w else None
         grad_weights = [None] * len(weights)
-        for first, count, w in _as_chunks(gate, n):
-            wf = w.float()
-            h = (p @ wf.t()).view(n, count, -1)
-            g = (h * (2.0 * grad_out[:, first:first + count]).unsqueeze(-1)).view(n, -1)  # dL/dH, [n, c*D]
+        for first, count, w in _chunks(gate, n):
+            h = _gate_activations(p, w)  # [n, c, D], recomputed
+            scale = 2.0 * grad_out[:, first:first + count].unsqueeze(-1).to(acc)  # [n, c, 1]
+            g = (h.to(acc) * scale).to(w.dtype)  # dL/dH, contiguous [n, c, D]
+            if ctx.has_stacked:
+                target = grad_stacked[first:first + count] if need_w else None
+            else:
+                target = torch.empty_like(w) if need_w else None
+            partial_p = _gate_backward(g, p, w, target)
             if need_p:
-                grad_p.addmm_(g, wf)
-            if need_w:
-                if ctx.has_stacked and grad_stacked.dtype == torch.float32:  # written in place: no chunk copy
-                    torch.mm(g.t(), p, out=grad_stacked[first:first + count].view(-1, p.shape[1]))
-                elif ctx.has_stacked:
-                    grad_stacked[first:first + count] = (g.t() @ p).view(count, -1, p.shape[1])
-                else:
-                    grad_weights[first] = (g.t() @ p).to(w.dtype)  # [D, d]
+                grad_p += partial_p
+            if need_w and not ctx.has_stacked:
+                grad_weights[first:first + count] = list(target.unbind(0))
         if grad_p is not None:
             grad_p = grad_p.to(proxies.dtype)
         return (grad_p, grad_stacked, *grad_weights)

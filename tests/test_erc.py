@@ -161,3 +161,27 @@ def test_hinge_gradient_matches_autograd_reference_and_gradcheck(alpha):
     reference = torch.autograd.grad(reference_hinge(M, alpha), M)[0]
     assert torch.allclose(ours, reference, atol=1e-12)
     assert torch.autograd.gradcheck(lambda m: erc.erc_loss_from_matrix(m, alpha), (M,))
+
+
+def _cpu_allocated_bytes(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    return max((e.cpu_memory_usage for e in prof.events()), default=0)
+
+
+@pytest.mark.parametrize("layout", ["stacked", "strided-view", "list"])
+def test_bf16_weights_match_float64_without_fp32_weight_copies(layout):
+    """bf16 GEMMs (fp32 accumulation and norms) against float64 on the same bf16 values: M within 1e-2
+    relative; no allocation as large as an fp32 copy of the gate weights (a list is stacked one bf16 chunk
+    at a time; a strided view costs one bf16 chunk on CPU, where bmm copies it; cuBLAS reads it in place)."""
+    g = torch.Generator().manual_seed(5)
+    n, D, d = 32, 64, 96
+    R = torch.randn(n, d, generator=g).bfloat16()
+    W = torch.randn(n, 2 * D, d, generator=g).bfloat16()  # [gate; up] like GroupedExperts' weight1
+    gate = {"stacked": W[:, :D].contiguous(), "strided-view": W[:, :D], "list": list(W[:, :D].contiguous())}[layout]
+    M_ref = loop_activation_matrix(R.double(), W[:, :D].double())
+    M = erc.activation_matrix(R.float(), gate)
+    torch.testing.assert_close(M.double(), M_ref, rtol=1e-2, atol=0)
+    fp32_copy = n * D * d * 4
+    largest = _cpu_allocated_bytes(lambda: erc.activation_matrix(R.float(), gate))
+    assert largest < (fp32_copy / 2 if layout == "stacked" else fp32_copy), (largest, fp32_copy)
