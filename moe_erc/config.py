@@ -42,6 +42,9 @@ class ModelConfig(_Group):
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     untie_embeddings_and_output_weights: bool = True
+    # auto: transformer-engine's attention where TE imports, else PyTorch SDPA (flash / memory-efficient
+    # kernels); sdpa: always SDPA; local: megatron's unfused DotProductAttention (materialises [s, s] scores).
+    attention_backend: Literal["auto", "sdpa", "local"] = "auto"
     make_vocab_size_divisible_by: int = 128
     # Vocabulary for `moe-erc plan` (which reads no tokenizer). Training takes the tokenizer's size and
     # refuses a tokenizer larger than this when it is set.

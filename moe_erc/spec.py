@@ -5,7 +5,8 @@ classes in it, never subclassing the model:
 
 | part | transformer-engine present | otherwise (plain CUDA torch, CPU) |
 |---|---|---|
-| attention, linears, norms | megatron's TE spec | megatron's local spec |
+| linears, norms | megatron's TE spec | megatron's local spec |
+| core attention (``model.attention_backend=auto``) | TE's fused attention | :class:`moe_erc.attention.SDPAttention` |
 | experts, ``moe.moe_grouped_gemm=true`` | TE grouped GEMM (``TEGroupedMLP``) | :class:`moe_erc.experts.GroupedExperts` |
 | experts, ``moe.moe_grouped_gemm=false`` | ``SequentialMLP`` | ``SequentialMLP`` |
 | router (and AoE's experts) | :mod:`moe_erc.routers` | :mod:`moe_erc.routers` |
@@ -35,6 +36,12 @@ def decoder_block_spec(cfg: Config, tf_config):
         experts = GroupedExperts
     if router is not None or experts is not None:
         _use_moe_classes(block_spec, router, experts)
+    backend = cfg.model.attention_backend
+    if backend == "sdpa" or (backend == "auto" and not use_te):
+        from moe_erc.attention import SDPAttention
+
+        for spec in block_spec.layer_specs:
+            spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return block_spec
 
 
