@@ -30,7 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_erc.compat import import_megatron
+from moe_erc.compat import import_megatron, runtime_device
 from moe_erc.errors import CheckpointError
 
 import_megatron()
@@ -54,8 +54,10 @@ def _unwrap(chunk):
 
 
 def _rng_states() -> dict:
+    # Only this rank's own GPU: get_rng_state_all() would open a CUDA context on every visible device.
+    on_gpu = runtime_device() == "cuda"
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state() if on_gpu else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
@@ -63,8 +65,9 @@ def _set_rng_states(states: dict) -> None:
     random.setstate(states["python"])
     np.random.set_state(states["numpy"])
     torch.set_rng_state(states["torch"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    cuda_state = states.get("cuda")
+    if isinstance(cuda_state, torch.Tensor) and runtime_device() == "cuda":
+        torch.cuda.set_rng_state(cuda_state)
     tensor_parallel.get_cuda_rng_tracker().set_states(states["tracker"])
 
 

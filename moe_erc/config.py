@@ -131,6 +131,9 @@ class TrainingConfig(_Group):
     # Optional fused kernels (masked softmax, RoPE, bias-activation, ...) are used where what they need
     # imports (moe_erc/kernels.py; the banner lists them); false = the unfused PyTorch paths everywhere.
     fused_kernels: bool = True
+    # torch.compile each transformer layer (torchtitan-style, graph breaks allowed around MoE dispatch).
+    # Off by default; a no-op where TORCH_COMPILE_DISABLE=1 (the CLI sets it on CPU-only machines).
+    compile: bool = False
     exit_interval: Optional[int] = None  # stop (with a checkpoint) after this many steps of this run
     nan_policy: Literal["skip", "stop"] = "skip"  # non-finite loss/gradients: skip the update, or stop
     max_skipped_steps: int = 10  # with nan_policy=skip: stop (with a diagnostic) after more skipped steps

@@ -159,6 +159,18 @@ def _cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
             param.data = param.data.to(dtype)
 
 
+def compile_layers(model: torch.nn.Module) -> int:
+    """``torch.compile`` every transformer layer in place (``nn.Module.compile``); returns how many.
+
+    One compiled region per layer (as torchtitan does) keeps compile time bounded and lets the MoE
+    dispatch, whose shapes depend on the routing, fall back to eager between regions.
+    """
+    layers = list(getattr(getattr(model, "decoder", None), "layers", []))
+    for layer in layers:
+        layer.compile()
+    return len(layers)
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Parameters held by this rank."""
     return sum(p.numel() for p in model.parameters())

@@ -35,7 +35,8 @@ from moe_erc.finite import all_finite, gradient_buffers, tensor_finite
 from moe_erc.instruments import RoutingMonitor, layer_summaries
 from moe_erc.metrics import MetricsWriter, Progress, clear_moe_layer_metrics, moe_layer_metrics
 from moe_erc.kernels import detect as detect_kernels
-from moe_erc.model import build_model, count_parameters, padded_vocab_size, resolve_precision, transformer_config
+from moe_erc.model import (build_model, compile_layers, count_parameters, padded_vocab_size, resolve_precision,
+                           transformer_config)
 from moe_erc.optim import build_optimizer, build_scheduler, wrap_ddp
 
 from megatron.core import parallel_state  # noqa: E402  (importable: moe_erc.compat ran first)
@@ -89,12 +90,14 @@ class GracefulStop:
     def _handle(self, signum, _frame) -> None:
         self.signal_name = signal.Signals(signum).name
 
-    def requested(self) -> bool:
-        flag = torch.tensor([1 if self.signal_name else 0], dtype=torch.int32, device=parallel.comm_device())
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # one rank signalled: everyone stops at this step
-        if flag.item() and self.signal_name is None:
+    def local_flag(self) -> bool:
+        return self.signal_name is not None
+
+    def agreed(self, any_rank: bool) -> bool:
+        """``any_rank``: some rank was signalled (the trainer all-reduces the flags with its own)."""
+        if any_rank and self.signal_name is None:
             self.signal_name = "a signal on another rank"
-        return bool(flag.item())
+        return any_rank
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
@@ -143,6 +146,7 @@ class Trainer:
                             f"{cfg.model.vocab_size}; raise model.vocab_size or remove it")
         self.vocab_size = padded_vocab_size(max(self.tokenizer.vocab_size, cfg.model.vocab_size or 0), cfg)
         model = build_model(cfg, self.tf_config, self.vocab_size)
+        self.compiled_layers = compile_layers(model) if t.compile else 0
         self.num_params = self._global_param_count(model)
         self.model = [wrap_ddp(cfg, self.tf_config, model)]
         self.optimizer = build_optimizer(cfg, self.tf_config, self.model)
@@ -154,6 +158,8 @@ class Trainer:
         self.forward_backward = get_forward_backward_func()
         self._nan_test_step = int(os.environ.get(NAN_TEST_ENV, "-1"))
 
+        self.stopper: Optional[GracefulStop] = None  # set while train() runs
+        self._stop_requested = False
         self.step = 0
         self.consumed_samples = 0
         self.skipped_steps = 0
@@ -258,7 +264,7 @@ class Trainer:
             forward_only=False,
         )
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
-        lm_loss, finite = self._loss_and_finite(losses)
+        lm_loss, finite, self._stop_requested = self._read_step(losses)
         if not finite:
             return {"lm_loss": lm_loss, "lr": lr, "grad_norm": float("nan"), "skipped": 1, "non_finite": True}
         updated, grad_norm, _ = self.optimizer.step()
@@ -271,21 +277,25 @@ class Trainer:
             "skipped": 0 if updated else 1,
         }
 
-    def _loss_and_finite(self, losses: list[dict]) -> tuple[float, bool]:
-        """(mean LM loss, loss and every gradient finite on every rank), read with one host sync per step.
+    def _read_step(self, losses: list[dict]) -> tuple[float, bool, bool]:
+        """(mean LM loss, loss and gradients finite on every rank, a stop signal on some rank).
 
-        The finite check is a min/max reduction per gradient buffer (:mod:`moe_erc.finite`): no memory
-        proportional to the model; the flag is all-reduced on the device with the loss.
+        moe-erc's one host synchronisation per step: the three values are reduced on the device and read
+        in one transfer, where megatron's optimizer reads its gradient norm anyway. The finite check is a
+        min/max reduction per gradient buffer (:mod:`moe_erc.finite`): no memory proportional to the model.
         """
         device = parallel.comm_device()
         total = self._lm_loss_sums(losses)
         ok = all_finite(gradient_buffers(self.model), device)
         if losses:  # ranks without the loss (earlier pipeline stages) vote on gradients only
             ok &= tensor_finite(total)
-        flag = ok.to(torch.int32).reshape(1)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        loss_sum, count, finite = torch.cat([total, flag.double()]).tolist()
-        return (loss_sum / count if count > 0 else float("nan")), bool(finite)
+        # torch.full launches a fill; torch.tensor(host value) would copy from the host and wait for the stream
+        stop = torch.full((), bool(self.stopper and self.stopper.local_flag()), dtype=torch.bool, device=device)
+        flags = torch.stack([~ok, stop]).to(torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        loss_sum, count, bad, stop_any = torch.cat([total, flags.double()]).tolist()
+        stop_agreed = self.stopper.agreed(bool(stop_any)) if self.stopper else False
+        return (loss_sum / count if count > 0 else float("nan")), not bad, stop_agreed
 
     def _non_finite_step(self, scalars: dict) -> None:
         """``training.nan_policy``: skip the update (and stop after too many), or stop with a diagnostic."""
@@ -361,7 +371,7 @@ class Trainer:
         data_iterator = self._data_iterator(self.train_ds, self.consumed_samples)
         stop_at = t.train_iters if t.exit_interval is None else min(t.train_iters, self.step + t.exit_interval)
         window_start, window_steps = time.perf_counter(), 0
-        stopper = GracefulStop()
+        stopper = self.stopper = GracefulStop()
         while self.step < stop_at:
             scalars = self.train_step(data_iterator)
             self.step += 1
@@ -382,7 +392,7 @@ class Trainer:
                 self._run_eval()
             if self.step % cfg.checkpoint.save_interval == 0 and self.step < stop_at:
                 self.save()
-            if stopper.requested():
+            if self._stop_requested:
                 final_dir = self.save()
                 self._say(f"stopped by {stopper.signal_name} at step {self.step}; checkpoint {final_dir} "
                           f"(run the same command to resume)")
@@ -437,7 +447,15 @@ class Trainer:
                 f"PP{p.pipeline_model_parallel_size} x DP{self.dp} (EP{p.expert_model_parallel_size}) | "
                 f"{self.compute_device}, {self.precision} | vocab {self.tokenizer.vocab_size} "
                 f"(padded {self.vocab_size}) | run dir {self.run_dir}\n"
-                f"moe-erc: {self.kernels.summary()} | optimizer {self.kernels.optimizer()}")
+                f"moe-erc: {self.kernels.summary()} | optimizer {self.kernels.optimizer()}"
+                f"{self._compile_note()}")
+
+    def _compile_note(self) -> str:
+        if not self.compiled_layers:
+            return ""
+        if os.environ.get("TORCH_COMPILE_DISABLE", "0") not in ("", "0"):
+            return " | training.compile=true has no effect: TORCH_COMPILE_DISABLE is set"
+        return f" | torch.compile: {self.compiled_layers} layers"
 
     def close(self) -> None:
         self.monitor.close()

@@ -15,7 +15,7 @@ WHAT="wheels"
 for arg in "$@"; do
   case "$arg" in
     --all) WHAT="all" ;;
-    -*) echo "fetch_gpu_wheels.sh: unknown option $arg (usage: scripts/fetch_gpu_wheels.sh [DIR] [--all])" >&2; exit 2 ;;
+    -*) echo "fetch_gpu_wheels.sh: unknown option $arg (usage: fetch_gpu_wheels.sh [DIR] [--all])" >&2; exit 2 ;;
     *) DIR="$arg" ;;
   esac
 done

@@ -5,8 +5,8 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 if [ "${1:-}" = "--gpu" ]; then
-  # scripts/test.sh --gpu [pytest args]: the GPU tier (tests/gpu) with this machine's own CUDA torch.
-  # Never scripts/setup_env.sh (it installs a CPU torch). What ${PYTHON:-python3} lacks besides torch
+  # The GPU tier with this machine's own CUDA torch: never scripts/setup_env.sh (it installs a CPU
+  # torch). PYTHON (default python3) must have that torch; what it lacks besides torch
   # (scripts/gpu_deps.py) goes into .gpu-site with --no-deps: from .whl/ when it exists (made by
   # scripts/fetch_gpu_wheels.sh on a machine with network), else from the index. moe-erc runs from this
   # tree through PYTHONPATH. MOE_ERC_GPU_TIER_DEVICE=cpu runs the tier on CPU (developing it without a GPU).
@@ -38,12 +38,10 @@ if [ "${1:-}" = "--gpu" ]; then
     still="$("$PY" scripts/gpu_deps.py missing 2>&1 >/dev/null)"
     [ -z "$still" ] || { say "still missing after the install: $(echo $still)"; exit 2; }
   fi
-  for check in "-m moe_erc --help" "-c import moe_erc.trainer"; do  # the CLI, and everything training imports
-    # shellcheck disable=SC2086
-    out="$("$PY" $check 2>&1)" || {
-      echo "$out" | tail -n 3 >&2
-      say "'python $check' fails from the source tree (PYTHONPATH=$PYTHONPATH)"; exit 2; }
-  done
+  # moe-erc from the source tree: the CLI, and everything a training run imports.
+  out="$("$PY" -m moe_erc --help 2>&1)" && out="$("$PY" -c 'import moe_erc.trainer' 2>&1)" || {
+    echo "$out" | tail -n 3 >&2
+    say "python -m moe_erc --help / import moe_erc.trainer fail with PYTHONPATH=$PYTHONPATH"; exit 2; }
   export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
   exec "$PY" -m pytest tests/gpu -m gpu "$@"
 fi

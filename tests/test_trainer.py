@@ -76,3 +76,20 @@ def test_a_bf16_model_has_every_parameter_in_bf16():
         parallel.destroy()
     assert "decoder.final_layernorm.weight" in dtypes and "decoder.layers.0.mlp.router.weight" in dtypes
     assert set(dtypes.values()) == {torch.bfloat16}, {n: d for n, d in dtypes.items() if d != torch.bfloat16}
+
+
+def test_training_compile_compiles_every_transformer_layer_in_place():
+    from moe_erc import model as model_lib, parallel
+    from moe_erc.compat import prepare_runtime
+    from moe_erc.config import load_config
+
+    cfg = load_config(None, ["model.num_layers=3", "model.hidden_size=32", "model.num_attention_heads=2",
+                             "moe.num_experts=4", "training.compile=true"])
+    parallel.initialize(cfg, prepare_runtime("cpu"))
+    try:
+        net = model_lib.build_model(cfg, model_lib.transformer_config(cfg), vocab_size=64)
+        assert all(layer._compiled_call_impl is None for layer in net.decoder.layers)
+        assert model_lib.compile_layers(net) == 3
+        assert all(layer._compiled_call_impl is not None for layer in net.decoder.layers)
+    finally:
+        parallel.destroy()

@@ -25,7 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moe_erc.compat import import_megatron, runtime_device
+from moe_erc.compat import import_megatron
+from moe_erc.experts import expert_param_device
 from moe_erc.config import Config
 
 import_megatron()
@@ -47,13 +48,6 @@ def aoe_width(cfg: Config) -> int:
     d, r = cfg.model.hidden_size, aoe_rank(cfg)
     D = cfg.moe.moe_ffn_hidden_size or cfg.model.ffn_hidden_size or 4 * d
     return max(1, round((d + 3 * d * D - d * r) / (r + 2 * d)))
-
-
-def expert_param_device():
-    """The current GPU when running on CUDA, else the default device (the CPU, or meta in ``moe-erc plan``)."""
-    if runtime_device() == "cuda" and torch.get_default_device().type != "meta":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.get_default_device()
 
 
 class AoERouter(TopKRouter):

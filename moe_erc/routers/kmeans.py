@@ -67,12 +67,10 @@ def initial_centroids(num_experts: int, hidden_size: int, base_seed: int, layer_
 
 def ema_update(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, momentum: float) -> torch.Tensor:
     """New centroids: ``normalize(m c_i + (1 - m) sums_i / counts_i)`` where ``counts_i > 0``, else ``c_i``."""
-    seen = counts > 0
-    new = centroids.clone()
-    if bool(seen.any()):
-        mean = sums[seen] / counts[seen].unsqueeze(-1)
-        new[seen] = F.normalize(momentum * centroids[seen] + (1.0 - momentum) * mean, dim=-1)
-    return new
+    seen = (counts > 0).unsqueeze(-1)
+    mean = sums / counts.clamp_min(1).unsqueeze(-1)
+    moved = F.normalize(momentum * centroids + (1.0 - momentum) * mean, dim=-1)
+    return torch.where(seen, moved, centroids)  # no boolean indexing: no host sync
 
 
 class KMeansRouter(TopKRouter):
