@@ -1,0 +1,18 @@
+"""The GPU step benchmark runs end to end (small, on CPU) and prints every row of its table."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_step_benchmark_prints_its_table_on_cpu():
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--preset", "cpu",
+                           "--repeats", "2"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    for measure in ("tokens/s", "MFU", "peak memory", "ERC on/off step time"):
+        assert measure in rows, proc.stdout
+    assert any(k.startswith("ERC fwd+bwd n=") and "x floor" in v for k, v in rows.items()), proc.stdout
+    assert any(k.startswith("experts fwd+bwd") and "x faster" in v for k, v in rows.items()), proc.stdout
