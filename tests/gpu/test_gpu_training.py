@@ -22,7 +22,7 @@ import torch
 
 from launch import REPO, losses, records, train
 
-METHODS = ["vanilla", "erc", "aoe", "kmeans", "auxfree"]
+METHODS = ["vanilla", "erc", "aoe", "kmeans", "auxfree", "erc-grouped-gemm"]  # the last: GroupedExperts
 # The tiny configs as they are (4 layers, 8 experts, seq 128, 16 sequences a step), 20 steps, short warmup.
 SHORT_RUN = ["training.train_iters=20", "training.eval_interval=1000", "training.eval_iters=1",
              "optimizer.lr_warmup_iters=2", "data.split=3,1,0", "logging.log_interval=1",
@@ -50,7 +50,9 @@ def test_every_method_trains_in_bf16(tiny_corpus, tmp_path, device, method):
     # As users run it: tests/conftest.py disables torch.compile, which would switch off megatron's
     # compiled fusions (bias-activation, bias-dropout, cross-entropy) that a GPU with triton runs.
     env = {k: v for k, v in os.environ.items() if k != "TORCH_COMPILE_DISABLE" or device == "cpu"}
-    proc = train_config(f"tiny-{method}.yaml", run, *SHORT_RUN, f"data.data_path={tiny_corpus}",
+    config, extra = (("tiny-erc.yaml", ["moe.moe_grouped_gemm=true"]) if method == "erc-grouped-gemm"
+                     else (f"tiny-{method}.yaml", []))
+    proc = train_config(config, run, *SHORT_RUN, *extra, f"data.data_path={tiny_corpus}",
                         f"training.device={device}", "training.precision=bf16", env=env)
     assert re.search(rf"\| {device}(:\d+)?, bf16 \|", proc.stdout), proc.stdout[:2000]  # the banner
     if device == "cuda" and importlib.util.find_spec("triton"):
