@@ -87,6 +87,7 @@ class GroupedExperts(MegatronModule):
         """``[T, d]`` tokens sorted by local expert, ``[m]`` counts, ``[T]`` gate probabilities -> (``[T, d]``, None)."""
         counts = torch.as_tensor(tokens_per_expert).to(device=hidden.device, dtype=torch.int32, non_blocking=True)
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        hidden = hidden.contiguous()  # the CUDA kernel needs 16-byte-aligned row-major tokens (no-op if so)
         h = grouped_mm(hidden, self.weight1, offsets)                    # [T, 2D] or [T, D]
         if self.gated:
             gate, up = torch.chunk(h, 2, dim=-1)

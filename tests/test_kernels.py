@@ -17,6 +17,7 @@ ALL_OFF = kernels.Kernels()
 
 def _simulated_gpu(monkeypatch, importable: set[str]):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kernels, "runtime_device", lambda: "cuda")
     monkeypatch.setattr(kernels, "_imports", lambda module: module in importable)
     monkeypatch.setattr(kernels, "_have_te_permute", lambda: "te-permute" in importable)
     monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
