@@ -64,7 +64,9 @@ class MoEConfig(_Group):
     moe_aux_loss_coeff: float = 0.01
     moe_z_loss_coeff: Optional[float] = None
     moe_router_score_function: Literal["softmax", "sigmoid"] = "softmax"
-    moe_router_pre_softmax: bool = False
+    # Softmax over all experts before the top-K (gates not renormalised) instead of over the K selected.
+    # None = the method's default: true for router=aoe (its reference code), false otherwise (megatron's).
+    moe_router_pre_softmax: Optional[bool] = None
     moe_router_enable_expert_bias: bool = False
     moe_router_bias_update_rate: float = 1e-3
     moe_token_dispatcher_type: Literal["alltoall", "allgather"] = "alltoall"
@@ -78,6 +80,8 @@ class MoEConfig(_Group):
     # Online K-Means (router: kmeans): EMA momentum of the per-expert centroids.
     kmeans_momentum: float = 0.99
     kmeans_temperature: float = 1.0  # gates: softmax over the selected cosine similarities / temperature
+    # Re-seed a centroid from a sampled token after this many updates without a token (0: never).
+    kmeans_reseed_steps: int = 100
 
 
 class ERCConfig(_Group):
@@ -237,7 +241,7 @@ def _value_problems(cfg: Config):
     if cfg.erc.enabled and moe.router != "topk":
         yield (f"erc.enabled=true needs a router matrix, but moe.router={moe.router} has none; "
                f"use moe.router=topk or set erc.enabled=false")
-    if moe.moe_router_topk == 1 and moe.moe_router_score_function == "softmax" and not moe.moe_router_pre_softmax:
+    if moe.moe_router_topk == 1 and moe.moe_router_score_function == "softmax" and not router_pre_softmax(cfg):
         yield ("moe.moe_router_topk=1 with softmax scores needs moe.moe_router_pre_softmax=true "
                "(a softmax over one selected expert has zero gradient)")
     if moe.router == "kmeans" and moe.moe_router_load_balancing_type != "none":
@@ -248,6 +252,8 @@ def _value_problems(cfg: Config):
     if moe.moe_router_enable_expert_bias and moe.moe_router_score_function != "sigmoid" and moe.router == "topk":
         yield ("moe.moe_router_enable_expert_bias=true (aux-loss-free balancing) needs "
                "moe.moe_router_score_function=sigmoid")
+    if moe.kmeans_reseed_steps < 0:
+        yield f"moe.kmeans_reseed_steps={moe.kmeans_reseed_steps} must be >= 0 (0 = never re-seed)"
     if not 0.0 <= moe.kmeans_momentum < 1.0:
         yield f"moe.kmeans_momentum={moe.kmeans_momentum} must be in [0, 1)"
     if moe.aoe_rank is not None and not 0 < moe.aoe_rank <= m.hidden_size:
@@ -271,6 +277,12 @@ def _value_problems(cfg: Config):
     sizes = [int(s) for s in cfg.data.split.replace("/", ",").split(",") if s.strip().isdigit()]
     if len(sizes) != len(cfg.data.split.replace("/", ",").split(",")) or not sizes or sum(sizes) <= 0:
         yield f"data.split='{cfg.data.split}' must be comma-separated non-negative weights, e.g. '969,30,1'"
+
+
+def router_pre_softmax(cfg: "Config") -> bool:
+    """``moe.moe_router_pre_softmax`` with the method's default filled in (AoE: true, as its reference)."""
+    value = cfg.moe.moe_router_pre_softmax
+    return cfg.moe.router == "aoe" if value is None else value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,10 +45,28 @@ def expert_param_device() -> torch.device:
     return torch.get_default_device()
 
 
+def _aligned(t: torch.Tensor) -> bool:
+    """The grouped GEMM kernels need 16-byte-aligned strides (all but the unit one) and base address."""
+    size = t.element_size()
+    return t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride() if st != 1)
+
+
 def grouped_mm(tokens: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``[T, k]`` expert-sorted tokens, ``[m, n, k]`` weights (Linear layout), ``[m]`` int32 cumulative token
-    counts -> ``[T, n]``: rows of expert e times ``weights[e]^T``. One kernel; no host sync on the bf16 path."""
-    return torch._grouped_mm(tokens, weights.transpose(-2, -1), offs=offsets)
+    counts -> ``[T, n]``: rows of expert e times ``weights[e]^T``. One kernel, no host sync on the bf16 path.
+
+    Shapes whose rows are not 16-byte aligned (e.g. an odd width in a test model) take a per-expert loop,
+    which reads the offsets on the host.
+    """
+    mat_b = weights.transpose(-2, -1)
+    out_row_bytes = weights.shape[1] * tokens.element_size()  # backward multiplies [T, n] gradients too
+    if _aligned(tokens) and _aligned(mat_b) and out_row_bytes % 16 == 0:
+        return torch._grouped_mm(tokens, mat_b, offs=offsets)
+    bounds = [0, *offsets.tolist()]
+    out = tokens.new_empty(tokens.shape[0], weights.shape[1])
+    for e in range(weights.shape[0]):
+        out[bounds[e]:bounds[e + 1]] = tokens[bounds[e]:bounds[e + 1]] @ mat_b[e]
+    return out
 
 
 class GroupedExperts(MegatronModule):

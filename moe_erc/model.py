@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_erc.compat import import_megatron, runtime_device
-from moe_erc.config import Config
+from moe_erc.config import Config, router_pre_softmax
 from moe_erc.errors import ConfigError
 from moe_erc import routers
 from moe_erc.kernels import Kernels, detect as detect_kernels
@@ -87,7 +87,7 @@ def _megatron_transformer_config(cfg: Config, precision: str, tp: int, kernels: 
         moe_aux_loss_coeff=moe.moe_aux_loss_coeff,
         moe_z_loss_coeff=moe.moe_z_loss_coeff,
         moe_router_score_function=moe.moe_router_score_function,
-        moe_router_pre_softmax=moe.moe_router_pre_softmax,
+        moe_router_pre_softmax=router_pre_softmax(cfg),
         moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
         moe_router_bias_update_rate=moe.moe_router_bias_update_rate,
         moe_token_dispatcher_type=moe.moe_token_dispatcher_type,

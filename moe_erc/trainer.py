@@ -266,9 +266,10 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
         lm_loss, finite, self._stop_requested = self._read_step(losses)
         if not finite:
+            routers.end_of_step(self.model, applied=False)  # e.g. K-Means drops this step's statistics
             return {"lm_loss": lm_loss, "lr": lr, "grad_norm": float("nan"), "skipped": 1, "non_finite": True}
         updated, grad_norm, _ = self.optimizer.step()
-        routers.after_optimizer_step(self.model)
+        routers.end_of_step(self.model, applied=bool(updated))
         self.scheduler.step(increment=1)
         return {
             "lm_loss": lm_loss,

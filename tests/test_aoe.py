@@ -47,8 +47,55 @@ def test_scores_are_norms_of_each_experts_low_rank_slice(aoe_layer):
     probs, routing_map = router(x)
     top2 = expected.topk(2, dim=1).indices
     assert torch.equal(routing_map.nonzero()[:, 1].view(6, 2).sort(1).values, top2.sort(1).values)
-    selected = expected.gather(1, top2).softmax(dim=1)
-    assert torch.allclose(probs.gather(1, top2), selected, atol=1e-6)
+    # The reference (trestad/Autonomy-of-Experts AoE.py): softmax over all n norms, top-K, no renormalising.
+    assert torch.allclose(probs.gather(1, top2), expected.softmax(dim=1).gather(1, top2), atol=1e-6)
+    assert not torch.allclose(probs.sum(1), torch.ones(6))  # not renormalised over the selected
+
+
+def test_softmax_over_the_selected_norms_is_an_option():
+    from moe_erc import model as model_lib
+    from moe_erc.config import load_config
+
+    base = ["moe.router=aoe", "model.hidden_size=24", "model.num_attention_heads=2", "moe.num_experts=4"]
+    assert model_lib.transformer_config(load_config(None, base)).moe_router_pre_softmax is True
+    option = load_config(None, [*base, "moe.moe_router_pre_softmax=false"])
+    assert model_lib.transformer_config(option).moe_router_pre_softmax is False
+    assert model_lib.transformer_config(load_config(None, [])).moe_router_pre_softmax is False  # top-k
+
+
+def test_scores_keep_the_sequence_and_batch_dims_for_the_per_sequence_aux_loss(aoe_layer, monkeypatch):
+    """megatron's routing reads ``seq_length, bsz = logits.shape[:2]``; [T, n] scores made it divide the
+    per-sequence aux loss by n instead of the batch size."""
+    _, _, layer = aoe_layer
+    router = layer.router
+    seen = []
+    original = router._apply_seq_aux_loss
+    monkeypatch.setattr(router, "_apply_seq_aux_loss",
+                        lambda probs, scores, rmap, seq_length, bsz, **kw: seen.append((seq_length, bsz))
+                        or original(probs, scores, rmap, seq_length, bsz, **kw))
+    x = torch.randn(5, 3, 24)  # [s, b, d]
+    assert router.gating(x).shape == (5, 3, 4)
+    router(x)
+    assert seen == [(5, 3)]
+
+
+def test_scoring_keeps_no_fp32_copy_of_the_low_rank_activations(aoe_layer):
+    """In bf16 the ``[T, n*r]`` activations are kept once, in bf16 (an fp32 copy was ~1 GiB/layer at 3B)."""
+    _, _, layer = aoe_layer
+    router = layer.router
+    x = torch.randn(64, 24, dtype=torch.bfloat16)
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        with torch.autocast("cpu", enabled=False):
+            down = router.down.detach().bfloat16().requires_grad_()
+            original, router.down = router.down, torch.nn.Parameter(down)
+            try:
+                router.gating(x)
+            finally:
+                router.down = original
+                router.cached_low = None
+    big_fp32 = [t for t in kept if t.dtype == torch.float32 and t.numel() >= 64 * 4 * 5]
+    assert not big_fp32, [tuple(t.shape) for t in big_fp32]
 
 
 def test_cached_low_rank_activation_equals_recomputation(aoe_layer):
@@ -72,6 +119,17 @@ def test_cached_low_rank_activation_equals_recomputation(aoe_layer):
         layer.router.forward = original
     assert cached_ok
     assert torch.allclose(out_cached, out_recomputed, atol=1e-6)
+    # ... and the same gradients, into the low-rank factor Wdown (reached through the cache or the
+    # recomputation) and every expert weight
+    grads = []
+    for out in (out_cached, out_recomputed):
+        layer.zero_grad()
+        out.square().sum().backward(retain_graph=True)
+        grads.append({n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None})
+    assert "router.down" in grads[0] and grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+    layer.zero_grad()
 
 
 def test_each_expert_parallel_rank_draws_its_own_experts(aoe_layer):

@@ -76,11 +76,13 @@ def test_router_has_no_parameters_and_checkpoints_its_centroids_as_replicated_te
 
     sharded = model.sharded_state_dict()
     keys = [k for k in sharded if ".router." in k]
-    assert sorted(keys) == ["decoder.layers.0.mlp.router.centroids", "decoder.layers.1.mlp.router.centroids"]
+    buffers = ("centroids", "idle_updates", "seeded_from_data")
+    assert sorted(keys) == sorted(f"decoder.layers.{i}.mlp.router.{b}" for i in (0, 1) for b in buffers)
     for key in keys:
         tensor = sharded[key]
         assert isinstance(tensor, ShardedTensor)
-        assert tuple(tensor.local_shape) == (4, 64) and tuple(tensor.global_shape)[-2:] == (4, 64)  # not TP-split
+        if key.endswith("centroids"):
+            assert tuple(tensor.local_shape) == (4, 64) and tuple(tensor.global_shape)[-2:] == (4, 64)  # no TP split
 
 
 def test_the_model_builds_routers_with_the_configured_momentum_and_seed(env):
@@ -155,6 +157,8 @@ def test_expert_bias_moves_selection_but_not_gates(env):
 def test_ema_update_once_per_step_matches_a_hand_computation(env):
     router = _router(env)
     router.momentum = 0.9
+    router.seeded_from_data.fill_(1.0)  # already seeded, and no idle re-seeding: the EMA alone
+    router.reseed_steps = 0
     e = torch.eye(8)
     old = torch.stack([e[0], torch.nn.functional.normalize(e[0] + e[1], dim=0), e[1], -e[0]])
     router.centroids.copy_(old)
@@ -269,3 +273,69 @@ def test_ep2_matches_one_process_which_resumes_with_its_centroids(kmeans_run, ti
     assert sorted(one) == sorted(two) == [1, 2, 3]
     for step in (1, 2, 3):
         assert one[step] == pytest.approx(two[step], rel=2e-5), (step, one, two)
+
+
+def _normalised_rows(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.normalize(x.reshape(-1, x.shape[-1]).float(), dim=-1)
+
+
+def _is_one_of(row: torch.Tensor, rows: torch.Tensor) -> bool:
+    return bool(torch.isclose(rows, row.unsqueeze(0), atol=1e-6).all(dim=1).any())
+
+
+def test_the_first_update_seeds_every_centroid_from_a_sampled_token(env):
+    """Random unit vectors have cosine ~1/sqrt(d) with every token: the first update replaces them by
+    tokens of the step's first sequence (positions drawn from a seeded generator)."""
+    router = _router(env)
+    router.train()
+    g = torch.Generator().manual_seed(11)
+    first = torch.randn(7, 2, 8, generator=g)  # [s, b, d]: the first sequence is batch row 0
+    router(first.clone().requires_grad_())
+    router(torch.randn(7, 2, 8, generator=g).requires_grad_())  # a second micro-batch is not sampled
+    random_start = router.centroids.clone()
+    router.update_after_step()
+    candidates = _normalised_rows(first[:, 0])
+    for i in range(4):
+        assert _is_one_of(router.centroids[i], candidates), i
+        assert not torch.allclose(router.centroids[i], random_start[i])
+    assert router.seeded_from_data.item() == 1.0
+
+
+def test_a_centroid_idle_for_the_window_is_reseeded_from_a_token(env):
+    router = _router(env)
+    router.seeded_from_data.fill_(1.0)
+    router.reseed_steps = 2
+    e = torch.eye(8)
+    router.centroids.copy_(torch.stack([e[0], e[1], e[2], -e[0]]))  # expert 3 faces away from every token
+    router.train()
+    g = torch.Generator().manual_seed(3)
+    for step in range(2):
+        tokens = (e[0] + e[1] + e[2]) + 0.1 * torch.randn(5, 1, 8, generator=g)
+        router(tokens.clone().requires_grad_())
+        before = router.centroids[3].clone()
+        router.update_after_step()
+        if step == 0:
+            assert torch.equal(router.centroids[3], before) and router.idle_updates[3].item() == 1
+    assert _is_one_of(router.centroids[3], _normalised_rows(tokens[:, 0])) and router.idle_updates[3].item() == 0
+
+
+def test_a_skipped_step_leaves_no_trace_and_non_finite_means_are_never_folded(env):
+    from moe_erc.routers.kmeans import ema_update
+
+    router = _router(env)
+    router.seeded_from_data.fill_(1.0)
+    router.reseed_steps = 0
+    router.train()
+    before = router.centroids.clone()
+    poisoned = torch.randn(6, 1, 8)
+    poisoned[2, 0, 0] = float("nan")
+    router(poisoned.clone().requires_grad_())
+    router.discard_step()  # what routers.end_of_step(applied=False) calls when the trainer skips the step
+    router.update_after_step()
+    assert torch.equal(router.centroids, before) and router.tokens_per_expert.sum() == 0
+    # and were the statistics folded anyway, a non-finite mean keeps the old centroid
+    sums = torch.randn(4, 8)
+    sums[1, 3] = float("inf")
+    new = ema_update(before, sums, torch.tensor([2.0, 3.0, 0.0, 1.0]), 0.5)
+    assert torch.isfinite(new).all() and torch.equal(new[1], before[1]) and torch.equal(new[2], before[2])
+    assert not torch.equal(new[0], before[0])

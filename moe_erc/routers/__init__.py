@@ -50,10 +50,11 @@ def wire(model: torch.nn.Module) -> None:
 
 
 @torch.no_grad()
-def after_optimizer_step(model_chunks) -> None:
-    """Updates that are not gradients (K-Means centroids), once per step, on every rank (collective)."""
+def end_of_step(model_chunks, applied: bool) -> None:
+    """Once per step on every rank: updates that are not gradients (K-Means centroids; collective) after an
+    applied optimizer step, or, for a skipped step (non-finite values), discarding what it gathered."""
     for chunk in model_chunks:
         for module in chunk.modules():
-            update = getattr(module, "update_after_step", None)
-            if update is not None:
-                update()
+            hook = getattr(module, "update_after_step" if applied else "discard_step", None)
+            if hook is not None:
+                hook()

@@ -2,22 +2,27 @@
 
 There is no router matrix. Expert i's gate projection is factorised ``Wg_i = Wdown_i [d, r] @ Wup_i [r, D']``.
 Every token computes ``x @ Wdown`` for all experts in one GEMM (``[T, d] @ [d, n*r]``); expert i's score
-is the L2 norm of its ``r``-slice; the top-K experts get the token, with softmax gates over the selected
-scores (megatron's top-k routing on the norms, so its load-balancing and z-losses apply to them). A selected
-expert continues from the cached low-rank activation: ``SiLU(low_i @ Wup_i) * (x @ Wp_i) @ Wo_i``.
+is the L2 norm of its ``r``-slice. Gates follow the reference code (trestad/Autonomy-of-Experts,
+``AoE.py``): a softmax over all ``n`` norms, then the top-K, not renormalised (megatron's
+``moe_router_pre_softmax=true``, the default for AoE; ``moe.moe_router_pre_softmax=false`` gives a
+softmax over the K selected norms instead). megatron's top-k routing runs on the norms, so its
+load-balancing and z-losses apply to them. A selected expert continues from the low-rank activation:
+``SiLU(low_i @ Wup_i) * (x @ Wp_i) @ Wo_i``, every projection one grouped GEMM over the local experts.
 
 Where the activations live:
 
 * ``AoERouter`` owns all experts' ``Wdown`` (``[n*r, d]``), replicated on every rank like a router weight,
   because every token is scored on the rank that holds it.
 * ``AoEExperts`` owns ``Wup``, ``Wp``, ``Wo`` of its local experts (expert-parallel like any expert).
-* The cached ``[T, n*r]`` activation is reused when the experts see exactly the router's tokens (one
-  rank per expert group: EP = 1 and TP = 1). Otherwise tokens arrive from other ranks without their
-  cache and the expert recomputes ``x @ Wdown_i`` (2 d r FLOPs per token and selected expert).
+* The cached ``[T, n*r]`` activation is reused when the experts see exactly the router's tokens in
+  megatron's expert-major order (EP = 1, TP = 1, no token dropping): the rows are gathered with an index
+  computed on the device (no host sync). Otherwise tokens arrive from other ranks without their cache
+  and the experts recompute ``x @ Wdown_i`` (2 d r FLOPs per token and selected expert).
 
-What EP costs AoE: ``Wdown`` of all ``n`` experts on every rank (``n d r`` parameters per layer, e.g. 1/3
-of every expert's gate with the default ``r = d/3``) and their DP gradient all-reduce; the all-expert
-scoring GEMM (``2 T n d r`` FLOPs, growing with tokens); and the recomputation above.
+What EP costs AoE: ``Wdown`` of all ``n`` experts on every rank (``n d r`` parameters per layer: the
+factor ``r / D'`` of the experts' gate parameters, 2/3 at the 3B shapes with the default ``r = d/3``) and
+their DP gradient all-reduce; the all-expert scoring GEMM (``2 T n d r`` FLOPs, growing with tokens); and
+the recomputation above.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_erc.compat import import_megatron
-from moe_erc.experts import expert_param_device
+from moe_erc.experts import expert_param_device, grouped_mm
 from moe_erc.config import Config
 
 import_megatron()
@@ -73,10 +78,13 @@ class AoERouter(TopKRouter):
             super().reset_parameters()
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
-        """``[T, d] -> [T, n]`` scores ``||x Wdown_i||``; caches ``x Wdown`` ``[T, n*r]`` for the experts."""
+        """``[s, b, d] -> [s, b, n]`` scores ``||x Wdown_i||`` (megatron's routing reads ``[s, b]`` from the
+        leading dims, e.g. for the per-sequence aux loss); caches ``x Wdown`` ``[T, n*r]`` for the experts.
+        The norm accumulates in fp32 without an fp32 copy of the activations (none is kept for backward)."""
         low = input.reshape(-1, input.shape[-1]) @ self.down.to(input.dtype).t()
         self.cached_low = low
-        return low.view(low.shape[0], self.config.num_moe_experts, self.rank).float().norm(dim=-1)
+        per_expert = low.view(*input.shape[:-1], self.config.num_moe_experts, self.rank)
+        return torch.linalg.vector_norm(per_expert, dim=-1, dtype=torch.float32)
 
     def forward(self, input: torch.Tensor, padding_mask=None):
         probs, routing_map = super().forward(input, padding_mask=padding_mask)
@@ -118,38 +126,42 @@ class AoEExperts(MegatronModule):
     def attach_router(self, router: AoERouter) -> None:
         self._router_ref = (router,)
 
-    def _low_rank(self, hidden: torch.Tensor, tokens_per_expert: list[int]) -> list[torch.Tensor]:
-        """``x Wdown_e`` for each local expert's tokens: from the router's cache when these are exactly
-        the router's tokens in megatron's permutation order (expert-major), else recomputed."""
+    def _low_rank(self, hidden: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """``[T', r]``: ``x Wdown_e`` for every (token, local expert) row of ``hidden``.
+
+        From the router's cache when the experts see exactly the router's tokens in megatron's order
+        (expert-major, tokens ascending: EP = 1, TP = 1, dropless top-K); else one grouped GEMM.
+        """
         router = self._router_ref[0]
-        r, first = self.rank, parallel_state.get_expert_model_parallel_rank() * self.num_local_experts
+        r, first, m = self.rank, parallel_state.get_expert_model_parallel_rank() * self.num_local_experts, \
+            self.num_local_experts
         cache, routing_map = router.cached_low, router.cached_routing_map
         router.cached_low = router.cached_routing_map = None  # read once; do not keep it alive
         reuse = (cache is not None and routing_map is not None
                  and parallel_state.get_expert_model_parallel_world_size() == 1
                  and parallel_state.get_tensor_model_parallel_world_size() == 1
-                 and routing_map.sum(0).tolist() == tokens_per_expert)
-        pieces = []
-        for e, chunk in enumerate(torch.split(hidden, tokens_per_expert)):
-            g = first + e
-            if reuse:
-                rows = routing_map[:, g].nonzero().squeeze(1)
-                pieces.append(cache[rows, g * r:(g + 1) * r])
-            else:
-                pieces.append(chunk @ router.down[g * r:(g + 1) * r].to(chunk.dtype).t())
-        return pieces
+                 and self.config.moe_expert_capacity_factor is None
+                 and routing_map.shape[0] * self.config.moe_router_topk == hidden.shape[0])
+        if reuse:
+            tokens, n = routing_map.shape
+            # (expert, token) pairs in megatron's permutation order; a stable sort keeps tokens ascending
+            # and the static size T*K avoids the host sync that nonzero() / masked_select() would need.
+            order = torch.argsort(routing_map.t().reshape(-1).to(torch.int8), descending=True, stable=True)
+            order = order[: hidden.shape[0]]
+            experts, rows = order // tokens, order % tokens
+            return cache.view(tokens, n, r)[rows, experts]
+        down = router.down.view(-1, r, router.down.shape[-1])[first:first + m]  # [m, r, d]
+        return grouped_mm(hidden, down.to(hidden.dtype), offsets)
 
     def forward(self, hidden: torch.Tensor, tokens_per_expert, permuted_probs: torch.Tensor, **_):
-        counts = [int(c) for c in (tokens_per_expert.tolist() if torch.is_tensor(tokens_per_expert)
-                                   else tokens_per_expert)]
-        lows = self._low_rank(hidden, counts)
-        outputs = []
-        for e, (x, low, probs) in enumerate(zip(torch.split(hidden, counts), lows,
-                                               torch.split(permuted_probs, counts))):
-            gate = F.silu(low @ self.up_gate[e].t())                 # [N_e, D']
-            inner = gate * (x @ self.up_proj[e].t()) * probs.unsqueeze(-1).to(x.dtype)
-            outputs.append(inner @ self.down_proj[e].t())            # [N_e, d]
-        return torch.cat(outputs, dim=0) if outputs else hidden.new_zeros(0, hidden.shape[-1]), None
+        """``[T', d]`` tokens sorted by local expert, ``[m]`` counts, ``[T']`` gates -> (``[T', d]``, None)."""
+        counts = torch.as_tensor(tokens_per_expert).to(device=hidden.device, dtype=torch.int32, non_blocking=True)
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        hidden = hidden.contiguous()
+        low = self._low_rank(hidden, offsets).contiguous()                          # [T', r]
+        gate = F.silu(grouped_mm(low, self.up_gate, offsets))                       # [T', D']
+        inner = (gate * grouped_mm(hidden, self.up_proj, offsets) * permuted_probs.unsqueeze(-1)).to(hidden.dtype)
+        return grouped_mm(inner, self.down_proj, offsets), None                    # [T', d]
 
     @torch.no_grad()
     def gate_activation_norms(self, hidden: torch.Tensor) -> torch.Tensor:

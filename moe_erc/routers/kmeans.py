@@ -25,8 +25,15 @@ compared with every centroid by cosine similarity ``s_i = <x/|x|, c_i>`` and goe
   megatron's ``TransformerConfig`` only accepts the expert bias with ``moe_router_score_function:
   sigmoid``. Auxiliary losses are rejected by the config (there is no parameter they could train); a
   z-loss (``moe_z_loss_coeff``) acts on ``s / temperature`` and so only on the hidden states.
-* **Temperature** ``T`` = :attr:`KMeansRouter.temperature` (1.0: softmax over cosines, gates between
-  about 0.12 and 0.88 for K=2; 0.1 was no better on the tiny model). Not a config key yet.
+* **Temperature** ``T`` = ``moe.kmeans_temperature`` (1.0: softmax over cosines, gates between about 0.12
+  and 0.88 for K=2; 0.1 was no better on the tiny model).
+* **Seeding from data**: random unit vectors have cosine ~1/sqrt(d) with every token, so the first update
+  replaces every centroid by a sampled token, and a centroid that has received no token for
+  ``moe.kmeans_reseed_steps`` updates is replaced by a sampled token too. The sample is the same on every
+  rank and in every layout: ``n`` positions (seeded by seed, layer and step) of the step's first sequence,
+  which the rank holding it contributes to an all-reduce over the token-holding ranks.
+* **Non-finite steps**: a step the trainer skips (``nan_policy=skip``) discards the statistics it gathered
+  (:func:`moe_erc.routers.end_of_step`), and an expert whose mean is not finite keeps its centroid.
 * **Checkpoints**: ``centroids`` (and ``expert_bias``) are persistent buffers; megatron's default
   ``sharded_state_dict`` saves them as replicated tensors and loading restores them in any layout.
 
@@ -66,11 +73,12 @@ def initial_centroids(num_experts: int, hidden_size: int, base_seed: int, layer_
 
 
 def ema_update(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor, momentum: float) -> torch.Tensor:
-    """New centroids: ``normalize(m c_i + (1 - m) sums_i / counts_i)`` where ``counts_i > 0``, else ``c_i``."""
-    seen = (counts > 0).unsqueeze(-1)
+    """New centroids: ``normalize(m c_i + (1 - m) sums_i / counts_i)`` where ``counts_i > 0`` and the mean is
+    finite, else ``c_i`` (a non-finite mean is never folded in)."""
     mean = sums / counts.clamp_min(1).unsqueeze(-1)
+    usable = ((counts > 0) & torch.isfinite(mean).all(dim=-1)).unsqueeze(-1)
     moved = F.normalize(momentum * centroids + (1.0 - momentum) * mean, dim=-1)
-    return torch.where(seen, moved, centroids)  # no boolean indexing: no host sync
+    return torch.where(usable, moved, centroids)  # no boolean indexing: no host sync
 
 
 class KMeansRouter(TopKRouter):
@@ -83,6 +91,7 @@ class KMeansRouter(TopKRouter):
     momentum: float = 0.99  # moe.kmeans_momentum
     temperature: float = 1.0  # gates: score function of cos / temperature
     base_seed: int = 1234  # training.seed
+    reseed_steps: int = 100  # moe.kmeans_reseed_steps: re-seed a centroid idle for this many updates (0: never)
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False):
         if pg_collection is None:
@@ -98,7 +107,11 @@ class KMeansRouter(TopKRouter):
         self.register_buffer("centroids", initial_centroids(n, d, self.base_seed, 0))
         # Global tokens per expert of the last step (for logging; not saved).
         self.register_buffer("tokens_per_expert", torch.zeros(n, dtype=torch.float32), persistent=False)
+        # Updates since each expert last received a token, and whether centroids were seeded from data.
+        self.register_buffer("idle_updates", torch.zeros(n, dtype=torch.float32))
+        self.register_buffer("seeded_from_data", torch.zeros(1, dtype=torch.float32))
         self._stats: Optional[torch.Tensor] = None  # [n, d + 1] fp32: sums | counts, this rank, this step
+        self._sample: Optional[torch.Tensor] = None  # [n, d]: this rank's part of the step's token sample
         self._centroids_final = False  # True once trained or loaded: set_layer_number must not re-seed
         if self.tp_dp_cp_group is None:
             self.tp_dp_cp_group = parallel_state.get_tensor_and_data_parallel_group(with_context_parallel=True)
@@ -119,8 +132,10 @@ class KMeansRouter(TopKRouter):
         """Float16Module casts buffers to bf16/fp16; centroids and their update stay fp32."""
         if self.centroids.dtype != torch.float32:
             self.centroids.data = self.centroids.data.float()
-        if self.tokens_per_expert.dtype != torch.float32:
-            self.tokens_per_expert.data = self.tokens_per_expert.data.float()
+        for name in ("tokens_per_expert", "idle_updates", "seeded_from_data"):
+            buffer = getattr(self, name)
+            if buffer.dtype != torch.float32:
+                buffer.data = buffer.data.float()
         self._maintain_float32_expert_bias()
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -169,6 +184,8 @@ class KMeansRouter(TopKRouter):
         valid = None if padding_mask is None else ~padding_mask.unsqueeze(-1)  # [T, 1]
         if self.training and torch.is_grad_enabled():  # once per training forward (recomputation: the grad pass)
             self._accumulate(x.detach(), routing_map if valid is None else routing_map & valid)
+            if self._sample is None:  # the step's first micro-batch on this rank
+                self._sample = self._token_sample(x.detach(), input.shape)
             # megatron's load counter for the expert bias (masks with `routing_map & ~mask`: give it [T, 1])
             self._apply_expert_bias(routing_map, padding_mask=None if valid is None else ~valid)
         return probs, routing_map
@@ -179,6 +196,38 @@ class KMeansRouter(TopKRouter):
         step = torch.cat([routed.t() @ x.float(), routed.sum(dim=0).unsqueeze(-1)], dim=1)  # [n, d + 1]
         self._stats = step if self._stats is None else self._stats.add_(step)
 
+    @torch.no_grad()
+    def _token_sample(self, x: torch.Tensor, shape) -> torch.Tensor:
+        """``[n, d]``: this rank's part of the step's token sample (zeros where another rank holds it).
+
+        The sample is ``n`` positions of the step's first sequence (global batch row 0: data-parallel rank 0,
+        row 0 of its first micro-batch), chosen by a generator seeded from (seed, layer, step); under
+        sequence parallelism each TP rank holds a slice of the positions. Summed over the token-holding
+        ranks, every rank gets the same sample in every layout.
+        """
+        n, d = self.centroids.shape
+        sample = torch.zeros(n, d, dtype=torch.float32, device=x.device)
+        if len(shape) != 3 or parallel_state.get_data_parallel_rank() != 0:
+            return sample
+        s_local, batch = shape[0], shape[1]
+        tp = parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
+        tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0
+        from moe_erc.erc_layer import current_training_step
+
+        generator = torch.Generator().manual_seed(
+            centroid_seed(self.base_seed, self.layer_number or 0) + 104_729 * current_training_step())
+        positions = torch.randint(0, s_local * tp, (n,), generator=generator)
+        local = positions - tp_rank * s_local
+        mine = (local >= 0) & (local < s_local)
+        rows = (local.clamp(0, s_local - 1) * batch).to(x.device)  # token (pos, batch row 0) in [S*B, d]
+        sample.copy_(torch.where(mine.to(x.device).unsqueeze(-1), x[rows].float(), sample))
+        return sample
+
+    def discard_step(self) -> None:
+        """Forget what this step's forwards gathered (the trainer skipped the step: non-finite values)."""
+        self._stats = None
+        self._sample = None
+
     # ------------------------------------------------------------------ the per-step update
 
     @torch.no_grad()
@@ -186,16 +235,27 @@ class KMeansRouter(TopKRouter):
         """Collective over TP x DP x CP: EMA of each expert's centroid towards the mean of its tokens."""
         self._keep_fp32()
         n, d = self.centroids.shape
-        stats = self._stats
-        if stats is None:
-            stats = torch.zeros(n, d + 1, dtype=torch.float32, device=self.centroids.device)
-        self._stats = None
+        device = self.centroids.device
+        stats = self._stats if self._stats is not None else torch.zeros(n, d + 1, device=device)
+        sample = self._sample if self._sample is not None else torch.zeros(n, d, device=device)
+        self._stats = self._sample = None
+        both = torch.cat([stats, sample], dim=1)  # one collective: [n, d + 1 + d]
         group = self.tp_dp_cp_group
         if group is not None and dist.get_world_size(group) > 1:
-            dist.all_reduce(stats, group=group)
-        sums, counts = stats[:, :d], stats[:, d]
+            dist.all_reduce(both, group=group)
+        sums, counts, sample = both[:, :d], both[:, d], both[:, d + 1:]
         self.tokens_per_expert.copy_(counts)
-        self.centroids.copy_(ema_update(self.centroids, sums, counts, self.momentum))
+        centroids = ema_update(self.centroids, sums, counts, self.momentum)
+        # Re-seed (all experts at the first update, idle ones later) from the sample: device-side choices,
+        # no host sync; every rank holds the same counts and sample, so they agree.
+        self.idle_updates.copy_(torch.where(counts > 0, torch.zeros_like(counts), self.idle_updates + 1))
+        reseed = (self.seeded_from_data == 0).expand(n)
+        if self.reseed_steps > 0:
+            reseed = reseed | (self.idle_updates >= self.reseed_steps)
+        usable = reseed & (sample.norm(dim=-1) > 0) & torch.isfinite(sample).all(dim=-1)
+        self.centroids.copy_(torch.where(usable.unsqueeze(-1), F.normalize(sample, dim=-1), centroids))
+        self.idle_updates.masked_fill_(usable, 0.0)
+        self.seeded_from_data.fill_(1.0)
         self._centroids_final = True
 
 
@@ -203,4 +263,4 @@ def kmeans_router_class(cfg) -> type:
     """A :class:`KMeansRouter` bound to this run's momentum and seed (what the layer spec should build)."""
     return type("KMeansRouter", (KMeansRouter,), {
         "momentum": cfg.moe.kmeans_momentum, "base_seed": cfg.training.seed,
-        "temperature": cfg.moe.kmeans_temperature})
+        "temperature": cfg.moe.kmeans_temperature, "reseed_steps": cfg.moe.kmeans_reseed_steps})
