@@ -13,7 +13,9 @@ and as long as the metadata says); ``resume=auto`` takes the newest step that ve
 A checkpoint holds model, optimizer and scheduler state, router buffers (expert bias, K-Means centroids),
 the trainer state (step, consumed samples: the data position), every rank's RNG states, and the run's
 config. It loads into any TP/EP/PP/DP layout megatron-core can reshard; RNG states are restored only
-into the layout they were saved from (elsewhere they cannot mean the same thing).
+into the layout they were saved from (same world size and TP/PP/EP/expert-TP sizes: elsewhere the
+per-rank streams cannot mean the same thing). Which checkpoint to resume is decided on rank 0 and
+broadcast, so ranks on a shared filesystem that lags cannot pick different steps.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from moe_erc.compat import import_megatron, runtime_device
 from moe_erc.errors import CheckpointError
 
 import_megatron()
-from megatron.core import dist_checkpointing, tensor_parallel  # noqa: E402
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
 from megatron.core.dist_checkpointing.mapping import ShardedObject  # noqa: E402
 
 LATEST = "latest"
@@ -109,6 +111,7 @@ def save(root: str | Path, step: int, model_chunks, optimizer, scheduler, traine
     dist.barrier()
     if rank == 0:
         meta = {"step": step, "with_optimizer": with_optimizer, "world_size": dist.get_world_size(),
+                "layout": current_layout(),
                 **{k: v for k, v in trainer_state.items() if isinstance(v, (int, float, str))}, **(describe or {})}
         (tmp / METADATA).write_text(json.dumps(meta, indent=1))
         _pause_for_tests(root, step)
@@ -222,13 +225,51 @@ def _first_cause(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {(lines or [''])[-1][:200]}"
 
 
+def current_layout() -> dict[str, int]:
+    """This run's parallel layout: world size and TP / PP / EP / expert-TP sizes."""
+    return {"world_size": dist.get_world_size(),
+            "tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
+            "expert_model_parallel_size": parallel_state.get_expert_model_parallel_world_size(),
+            "expert_tensor_parallel_size": parallel_state.get_expert_tensor_parallel_world_size()}
+
+
+def saved_layout(meta: dict) -> Optional[dict[str, int]]:
+    """The layout a checkpoint was saved with (older checkpoints: rebuilt from their config), or None."""
+    if "layout" in meta:
+        return meta["layout"]
+    parallel, world = (meta.get("config") or {}).get("parallel"), meta.get("world_size")
+    if not parallel or world is None:
+        return None
+    tp = parallel.get("tensor_model_parallel_size", 1)
+    return {"world_size": world, "tensor_model_parallel_size": tp,
+            "pipeline_model_parallel_size": parallel.get("pipeline_model_parallel_size", 1),
+            "expert_model_parallel_size": parallel.get("expert_model_parallel_size", 1),
+            "expert_tensor_parallel_size": parallel.get("expert_tensor_parallel_size") or tp}
+
+
+def on_rank0(decide):
+    """``decide()`` on rank 0, its result (or its one-line error) broadcast to every rank."""
+    answer = [None]
+    if dist.get_rank() == 0:
+        try:
+            answer = [("ok", decide())]
+        except CheckpointError as exc:
+            answer = [("error", str(exc))]
+    dist.broadcast_object_list(answer, src=0)
+    kind, value = answer[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
+
+
 def load(step_dir: str | Path, model_chunks, optimizer=None, scheduler=None) -> dict:
     """Collective. Loads model weights, and optimizer + scheduler (+ RNG in the same layout) when given.
     Returns the trainer state."""
     step_dir = Path(step_dir)
     meta = read_metadata(step_dir)
     with_optimizer = optimizer is not None and meta.get("with_optimizer", False)
-    same_layout = meta.get("world_size") == dist.get_world_size()
+    same_layout = saved_layout(meta) == current_layout()
     template = _sharded_state(model_chunks, optimizer, scheduler, {}, with_optimizer, True,
                               rng=with_optimizer and same_layout)
     template.pop("trainer")

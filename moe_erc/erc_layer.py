@@ -258,3 +258,44 @@ def erc_layer_stats(model_chunks, num_layers: int) -> dict[str, list[float]]:
         dist.all_reduce(present, group=pp_group)
     return {name: [v if p else float("nan") for v, p in zip(values[k].tolist(), present.tolist())]
             for k, name in enumerate(names)}
+
+
+@torch.no_grad()
+def router_matrix_stats(model_chunks, num_layers: int, posthoc_alpha: Optional[float] = None) -> dict[str, list[float]]:
+    """Per layer, for every router with a router matrix (top-K with or without ERC, aux-loss-free; not AoE
+    or K-Means): ``eps_mean/min/max`` of the clean rows and, with ``posthoc_alpha``, the post-hoc ERC loss
+    ``erc_loss_posthoc`` (clean rows, no noise: the paper's Table 2 measure) -- for every method alike, so
+    vanilla and ERC runs compare. NaN where a layer has none.
+
+    Collective: the post-hoc loss gathers ``M`` over the expert groups, and every stage's values are summed
+    over the pipeline group; call it on every rank.
+    """
+    from moe_erc.parallel import comm_device
+
+    names = ("eps_mean", "eps_min", "eps_max") + (("erc_loss_posthoc",) if posthoc_alpha is not None else ())
+    values = torch.zeros(len(names), num_layers, dtype=torch.float64, device=comm_device())
+    present = torch.zeros(num_layers, dtype=torch.float64, device=comm_device())
+    for chunk in model_chunks:
+        for module in chunk.modules():
+            router, experts = getattr(module, "router", None), getattr(module, "experts", None)
+            weight = getattr(router, "weight", None)
+            if experts is None or not isinstance(weight, torch.Tensor) or not router.layer_number:
+                continue
+            row = router.layer_number - 1
+            eps = erc.noise_bounds(weight)
+            stats = [eps.mean(), eps.min(), eps.max()]
+            if posthoc_alpha is not None:
+                M = distributed_activation_matrix(
+                    weight.float(), gate_weights(experts, router.config.gated_linear_unit),
+                    expert_tp_group=parallel_state.get_expert_tensor_parallel_group(),
+                    ep_group=parallel_state.get_expert_model_parallel_group())
+                stats.append(erc.erc_loss_from_matrix(M, posthoc_alpha))
+            values[:, row] = torch.stack([v.double() for v in stats]).to(values.device)
+            present[row] = 1.0
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if _size(pp_group) > 1:
+        dist.all_reduce(values, group=pp_group)
+        dist.all_reduce(present, group=pp_group)
+    present_list = present.tolist()
+    return {name: [v if p else float("nan") for v, p in zip(values[k].tolist(), present_list)]
+            for k, name in enumerate(names)}

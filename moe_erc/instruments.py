@@ -4,16 +4,24 @@ A forward hook on every MoE router (any router class: top-k, ERC, AoE, K-Means) 
 routing_map)`` for every micro-batch and accumulates tokens per expert per layer. At a log step
 :meth:`RoutingMonitor.train_stats` reduces them over the ranks that routed different tokens and returns
 per-layer load statistics; :meth:`RoutingMonitor.valid_stats` does the same over a whole evaluation and adds
-the router–expert coupling score. A bounded routing trace is written on sampled steps.
+the router–expert coupling scores. A bounded routing trace is written on sampled steps.
+
+The hook counts each forward once: a forward that runs inside a backward pass (activation recompute:
+megatron's ``tensor_parallel.checkpoint``, ``torch.utils.checkpoint`` reentrant or not) is skipped.
 
 Definitions (per layer; ``c`` = tokens per expert, ``n`` experts):
 
 * ``maxvio = (max c - mean c) / mean c`` (0 when perfectly balanced; per batch, or over the validation set)
 * ``dead_experts``: experts that received no token in the whole log window
 * ``router_cosine``: mean ``|cos|`` between distinct router rows (only routers with a ``weight`` matrix)
-* ``coupling``: for a bounded sample of tokens, pairs (token, expert) for every selected expert plus one
-  random other expert; per expert, the Pearson correlation between the router's score (softmax over all
-  experts of the router logits) and the L2 norm of that expert's gate activation; mean over experts.
+* ``coupling``: mean over a seeded random sample of tokens of the Spearman rank correlation, over all ``n``
+  experts, between the router's scores ``router.gating(x)`` and the experts' gate-activation norms
+  ``||x Wg_j||`` (:func:`coupling_scores`); 0 for an untrained layer, 1 for a perfectly coupled one.
+* ``coupling_topk``: mean over the same tokens of ``|S ∩ G| / |S|``, ``S`` the experts the router sent the
+  token to, ``G`` the ``|S|`` experts with the largest gate norms; ``K/n`` at chance, 1 when coupled.
+
+See docs/instruments.md for why these are comparable across routers (vanilla, ERC, AoE, K-Means,
+aux-loss-free) and how the token sample is drawn so that every parallel layout measures the same tokens.
 """
 
 from __future__ import annotations
@@ -68,44 +76,117 @@ def router_cosine(weight: torch.Tensor) -> float:
     return float((cos.sum() - cos.diagonal().sum()) / (n * (n - 1)))
 
 
-def gate_norms(experts, hidden: torch.Tensor, gated: bool) -> Optional[torch.Tensor]:
-    """``[N, d] -> [N, m_local]`` L2 norms of each local expert's gate activation (pre-activation)."""
-    if hasattr(experts, "gate_activation_norms"):
-        return experts.gate_activation_norms(hidden)
+def _size(group) -> int:
+    return dist.get_world_size(group) if group is not None and dist.is_initialized() else 1
+
+
+def in_backward() -> bool:
+    """True while autograd runs a backward pass on this thread: a forward seen now is a recomputation
+    (megatron's ``CheckpointFunction`` and reentrant ``torch.utils.checkpoint`` re-run the forward inside
+    their backward; non-reentrant checkpointing re-runs it from a saved-tensor unpack hook, also inside)."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return task_id is not None and task_id() != -1
+
+
+# ------------------------------------------------------------------------------------------------
+# The coupling score
+
+
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """``[T, n]`` -> ``[T, n]`` float64 ranks ``0..n-1`` of each row, tied values sharing their mean rank."""
+    v = values.double().contiguous()
+    ordered, order = v.sort(dim=-1)
+    lo = torch.searchsorted(ordered, ordered, side="left")
+    hi = torch.searchsorted(ordered, ordered, side="right") - 1
+    return torch.empty_like(v).scatter_(-1, order, (lo + hi).double() / 2)
+
+
+def spearman_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[T, n]``, ``[T, n]`` -> ``[T]`` Spearman rank correlation of each row pair (NaN where a row is constant)."""
+    ra, rb = average_ranks(a), average_ranks(b)
+    ra = ra - ra.mean(-1, keepdim=True)
+    rb = rb - rb.mean(-1, keepdim=True)
+    den = ((ra * ra).sum(-1) * (rb * rb).sum(-1)).sqrt()
+    return torch.where(den > 0, (ra * rb).sum(-1) / den.clamp_min(1e-300), torch.full_like(den, float("nan")))
+
+
+def topk_overlap(selected: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """``[T, n]`` bool routing map, ``[T, n]`` gate norms -> ``[T]`` ``|S ∩ G| / |S|``: ``S`` the selected
+    experts, ``G`` the ``|S|`` experts with the largest norms (NaN where nothing is selected)."""
+    k = selected.sum(-1)
+    g = norms.double().contiguous()
+    larger = g.shape[-1] - torch.searchsorted(g.sort(dim=-1).values, g, side="right")  # strictly larger norms
+    hits = (selected.bool() & (larger < k.unsqueeze(-1))).sum(-1)
+    return torch.where(k > 0, hits.double() / k.clamp_min(1), torch.full(k.shape, float("nan"), dtype=torch.float64,
+                                                                           device=k.device))
+
+
+def coupling_scores(scores: torch.Tensor, norms: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per token: (Spearman of router scores vs gate norms over all ``n`` experts, top-K overlap)."""
+    return spearman_rows(scores, norms), topk_overlap(selected, norms)
+
+
+def coupling_sample(seq_length: int, micro_batch: int, count: int, seed: int) -> torch.Tensor:
+    """Sorted flat indices ``p * micro_batch + j`` (position ``p``, sequence ``j``) of ``min(count, all)``
+    tokens of a ``[seq_length, micro_batch]`` micro-batch, uniform without replacement, from ``seed`` alone:
+    the same tokens in every layout (under sequence parallelism each rank measures those it holds)."""
+    total = seq_length * micro_batch
+    generator = torch.Generator().manual_seed((seed * 1_000_003 + 7_907) % (2**63 - 1))
+    return torch.randperm(total, generator=generator)[: min(count, total)].sort().values
+
+
+def local_rows(sample: torch.Tensor, micro_batch: int, first_position: int, local_positions: int) -> torch.Tensor:
+    """Rows of this rank's ``[local_positions, micro_batch]``-flattened tokens that are in ``sample``
+    (global flat indices), this rank holding positions ``first_position .. first_position + local_positions``."""
+    position, sequence = sample // micro_batch, sample % micro_batch
+    mine = (position >= first_position) & (position < first_position + local_positions)
+    return (position[mine] - first_position) * micro_batch + sequence[mine]
+
+
+def _local_gate_squares(experts, hidden: torch.Tensor, gated: bool) -> Optional[torch.Tensor]:
+    """``[N, d] -> [N, m_local]`` squared norms of each local expert's gate pre-activation on this rank's
+    share of its gate rows (summed over expert-TP by the caller); None for unknown expert layouts."""
+    if hasattr(experts, "gate_activation_norms"):  # AoE: (x Wdown_j) Wup_j, never split over expert-TP
+        return experts.gate_activation_norms(hidden).double() ** 2
     from moe_erc.erc_layer import gate_weights
 
     try:
         weights = gate_weights(experts, gated)
     except NotImplementedError:
         return None
-    return torch.stack([(hidden @ w.float().t()).norm(dim=-1) for w in weights], dim=1)
+    return torch.stack([(hidden @ w.float().t()).double().pow(2).sum(-1) for w in weights], dim=1)
 
 
-class CouplingStats:
-    """Per (layer, expert) sufficient statistics of the score/gate-norm correlation, summable over ranks."""
+def gate_norms(experts, hidden: torch.Tensor, gated: bool) -> Optional[torch.Tensor]:
+    """``[N, d] -> [N, m_local]`` L2 norms of each local expert's gate activation (pre-activation, this rank's rows)."""
+    squares = _local_gate_squares(experts, hidden.float(), gated)
+    return None if squares is None else squares.sqrt().float()
 
-    FIELDS = 6  # count, sum s, sum g, sum s^2, sum g^2, sum s*g
 
-    def __init__(self, num_layers: int, num_experts: int):
-        self.stats = torch.zeros(num_layers, num_experts, self.FIELDS, dtype=torch.float64)
-
-    def add(self, layer: int, expert: torch.Tensor, score: torch.Tensor, norm: torch.Tensor) -> None:
-        s, g = score.double(), norm.double()
-        values = torch.stack([torch.ones_like(s), s, g, s * s, g * g, s * g], dim=1)
-        self.stats[layer - 1].index_add_(0, expert, values)
-
-    def correlation(self) -> torch.Tensor:
-        """``[num_layers]`` mean over experts of the per-expert Pearson correlation (NaN if undefined)."""
-        n, s, g, ss, gg, sg = self.stats.unbind(-1)
-        cov = sg / n - (s / n) * (g / n)
-        var_s, var_g = ss / n - (s / n) ** 2, gg / n - (g / n) ** 2
-        corr = cov / (var_s.clamp_min(0) * var_g.clamp_min(0)).sqrt()
-        corr = torch.where((n > 2) & (var_s > 1e-18) & (var_g > 1e-18), corr, torch.full_like(corr, float("nan")))
-        return corr.nanmean(dim=1)
+def all_gate_norms(experts, hidden: torch.Tensor, gated: bool) -> Optional[torch.Tensor]:
+    """``[N, d]`` tokens of this rank -> ``[N, n]`` gate norms of all ``n`` experts. Collective over the
+    expert-TP x EP group: tokens are gathered there, each rank measures its experts on its gate rows, partial
+    squares are summed over expert-TP and the columns gathered over EP (experts in EP-rank order)."""
+    x, mine = _gather_rows_varlen(hidden.float(), parallel_state.get_expert_tensor_and_model_parallel_group())
+    squares = _local_gate_squares(experts, x, gated)
+    if squares is None:
+        return None
+    etp = parallel_state.get_expert_tensor_parallel_group()
+    if _size(etp) > 1:
+        dist.all_reduce(squares, group=etp)
+    ep = parallel_state.get_expert_model_parallel_group()
+    if _size(ep) > 1:
+        parts = [torch.empty_like(squares) for _ in range(_size(ep))]
+        dist.all_gather(parts, squares.contiguous(), group=ep)
+        squares = torch.cat(parts, dim=1)
+    return squares[mine].sqrt()
 
 
 class RoutingMonitor:
     """Forward hooks on every MoE router of the model; see the module docstring."""
+
+    # per layer: sum of Spearman, tokens with a defined Spearman, sum of top-K overlap, tokens with one
+    COUPLING_FIELDS = 4
 
     def __init__(self, model_chunks, num_layers: int, num_experts: int, run_dir: Optional[Path] = None,
                  trace_interval: int = 0, trace_tokens: int = 64, coupling_tokens: int = 256, seed: int = 0):
@@ -123,7 +204,8 @@ class RoutingMonitor:
         self.trace_path = run_dir / "routing_trace.jsonl" if run_dir is not None and trace_interval else None
         self.step = 0
         self._trace_rows: list[dict] = []
-        self._coupling: Optional[CouplingStats] = None
+        self._coupling: Optional[torch.Tensor] = None  # [num_layers, COUPLING_FIELDS] while validating
+        self._samples: dict[tuple, torch.Tensor] = {}
         self._current_tokens: Optional[torch.Tensor] = None
         self._handles = [module.router.register_forward_hook(self._make_hook(layer, module))
                          for layer, module in _routers(model_chunks)]
@@ -139,12 +221,14 @@ class RoutingMonitor:
 
     def _make_hook(self, layer: int, moe_layer):
         def hook(router, inputs, outputs):
+            if in_backward():  # activation recompute: the first forward of these tokens was counted
+                return
             routing_map = outputs[1]
             counts = routing_map.sum(0).to(device=self.device, dtype=torch.float64)
             if router.training:
                 self.window[layer - 1] += counts
                 self.step_counts[layer - 1] += counts
-                if self._tracing() and torch.is_grad_enabled():
+                if self._tracing():
                     self._trace(layer, routing_map)
             else:
                 self.valid[layer - 1] += counts
@@ -165,37 +249,37 @@ class RoutingMonitor:
                          if t // b < self._current_tokens.shape[1]]
         self._trace_rows.append({"step": self.step, "layer": layer, "experts": experts, "token_ids": token_ids})
 
+    def sample_rows(self, hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+        """Rows of this rank's flattened router input ``[s_local, b, d]`` that are in the coupling sample."""
+        local_positions, micro_batch = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else (hidden.shape[0], 1)
+        tp = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
+        first = parallel_state.get_tensor_model_parallel_rank() * local_positions if tp > 1 else 0
+        key = (local_positions * tp, micro_batch, first, local_positions, str(hidden.device))
+        if key not in self._samples:
+            sample = coupling_sample(local_positions * tp, micro_batch, self.coupling_tokens, self.seed)
+            self._samples[key] = local_rows(sample, micro_batch, first, local_positions).to(hidden.device)
+        return self._samples[key]
+
     def _measure_coupling(self, layer: int, moe_layer, hidden: torch.Tensor, routing_map: torch.Tensor) -> None:
-        """Pairs from a bounded token sample; samples are gathered over EP so every expert's owner sees them."""
+        """Coupling scores of this rank's sampled tokens (collective over the expert-TP x EP group)."""
         router = moe_layer.router
-        x = hidden.reshape(-1, hidden.shape[-1])[: self.coupling_tokens].detach()
-        selected = routing_map[: x.shape[0]]
-        if not hasattr(router, "gating") or x.shape[0] == 0 or \
-                parallel_state.get_expert_tensor_parallel_world_size() > 1:  # gate rows split: skipped
+        if not hasattr(router, "gating"):
             return
-        ep_group = parallel_state.get_expert_model_parallel_group()
-        if dist.get_world_size(ep_group) > 1:
-            x = _gather_rows(x, ep_group)
-            selected = _gather_rows(selected.to(torch.uint8), ep_group).bool()
+        rows = self.sample_rows(hidden, bool(getattr(router.config, "sequence_parallel", False)))
+        x = hidden.detach().reshape(-1, hidden.shape[-1])[rows]
         with torch.no_grad():
-            logits = router.gating(x)
+            norms = all_gate_norms(moe_layer.experts, x, router.config.gated_linear_unit)
+            if norms is None:
+                return
+            cached = getattr(router, "cached_low", None)  # AoE caches x Wdown for its experts: keep the real one
+            scores = router.gating(x).float()
             if hasattr(router, "cached_low"):
-                router.cached_low = None
-            scores = torch.softmax(logits.float(), dim=-1)
-            norms = gate_norms(moe_layer.experts, x.float(), router.config.gated_linear_unit)
-        if norms is None:
-            return
-        generator = torch.Generator().manual_seed(self.seed * 7919 + layer)
-        other = torch.randint(0, self.num_experts, (x.shape[0],), generator=generator)
-        pairs = selected.clone().cpu()
-        pairs[torch.arange(x.shape[0]), other] = True
-        local = norms.shape[1]
-        first = parallel_state.get_expert_model_parallel_rank() * local
-        for e in range(local):
-            tokens = pairs[:, first + e].nonzero().flatten()
-            if tokens.numel():
-                self._coupling.add(layer, torch.full_like(tokens, first + e), scores[tokens, first + e].cpu(),
-                                   norms[tokens, e].cpu())
+                router.cached_low = cached
+            rank_corr, overlap = coupling_scores(scores, norms, routing_map[rows])
+        defined_corr, defined_overlap = ~torch.isnan(rank_corr), ~torch.isnan(overlap)
+        values = torch.stack([rank_corr.nan_to_num(0.0).sum(), defined_corr.sum().double(),
+                              overlap.nan_to_num(0.0).sum(), defined_overlap.sum().double()])
+        self._coupling[layer - 1] += values.to(device=self.device, dtype=torch.float64)
 
     # -- statistics ------------------------------------------------------------------------------
 
@@ -240,19 +324,19 @@ class RoutingMonitor:
 
     def start_validation(self) -> None:
         self.valid.zero_()
-        self._coupling = CouplingStats(self.num_layers, self.num_experts)
+        self._coupling = torch.zeros(self.num_layers, self.COUPLING_FIELDS, dtype=torch.float64, device=self.device)
 
     def valid_stats(self) -> dict[str, list]:
-        """Global MaxVio over the whole evaluation and the coupling score, per layer. Collective."""
-        counts = _sum(_sum(self.valid.clone(), _token_group()), parallel_state.get_pipeline_model_parallel_group())
-        stats = self._coupling.stats.to(self.device)
-        _sum(stats, dist.group.WORLD)  # each (layer, expert) pair was measured on one rank per token set
-        self._coupling.stats = stats.cpu()
-        coupling = self._coupling.correlation()
+        """Global MaxVio over the whole evaluation and the coupling scores, per layer. Collective."""
+        pp = parallel_state.get_pipeline_model_parallel_group()
+        counts = _sum(_sum(self.valid.clone(), _token_group()), pp).cpu()
+        # every rank scored the sampled tokens it holds: sum over the ranks that hold different tokens
+        coupling = _sum(_sum(self._coupling, _token_group()), pp).cpu()
         self._coupling = None
-        counts = counts.cpu()
+        rank_sum, rank_n, overlap_sum, overlap_n = coupling.unbind(-1)
         return {"maxvio_global": _per_layer(maxvio(counts), counts),
-                "coupling": [None if math.isnan(v) else float(v) for v in coupling.tolist()]}
+                "coupling": [float(s / c) if c > 0 else None for s, c in zip(rank_sum, rank_n)],
+                "coupling_topk": [float(s / c) if c > 0 else None for s, c in zip(overlap_sum, overlap_n)]}
 
     def _flush_trace(self) -> None:
         if self.trace_path is not None and self._trace_rows:
@@ -272,11 +356,23 @@ def _per_layer(values: torch.Tensor, counts: torch.Tensor) -> list:
     return [float(v) if c.sum() > 0 else None for v, c in zip(values, counts)]
 
 
-def _gather_rows(x: torch.Tensor, group) -> torch.Tensor:
-    """All-gather ``[N, ...]`` rows of equal N over ``group`` (no gradient)."""
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, x.contiguous(), group=group)
-    return torch.cat(parts)
+def _gather_rows_varlen(x: torch.Tensor, group) -> tuple[torch.Tensor, slice]:
+    """All-gather ``[N_rank, ...]`` rows (N may differ by rank) over ``group`` in group-rank order (no
+    gradient); returns them and the slice that holds this rank's own rows."""
+    size = _size(group)
+    if size == 1:
+        return x, slice(0, x.shape[0])
+    count = torch.tensor([x.shape[0]], dtype=torch.int64, device=x.device)
+    counts = [torch.empty_like(count) for _ in range(size)]
+    dist.all_gather(counts, count, group=group)
+    counts = [int(c) for c in counts]
+    padded = x.new_zeros(max(counts), *x.shape[1:])
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded, group=group)
+    rank = dist.get_rank(group)
+    start = sum(counts[:rank])
+    return torch.cat([part[:c] for part, c in zip(parts, counts)]), slice(start, start + counts[rank])
 
 
 def mean_of(values: list) -> Optional[float]:
@@ -286,7 +382,7 @@ def mean_of(values: list) -> Optional[float]:
 
 # How a per-layer statistic is summarised over layers for the console / scalar logs.
 _SUMMARY = {"dead_experts": sum, "maxvio": mean_of, "maxvio_global": mean_of, "coupling": mean_of,
-            "router_cosine": mean_of, "expert_bias_norm": mean_of}
+            "coupling_topk": mean_of, "router_cosine": mean_of, "expert_bias_norm": mean_of}
 
 
 def layer_summaries(stats: dict[str, list]) -> dict:

@@ -3,10 +3,12 @@
 Builds the whole model on the meta device in this process (megatron-core's real modules, no memory, no
 GPU), counts its parameters, and derives for the configured layout: per-rank parameters and the memory
 of weights, gradients and optimizer state (with and without the distributed optimizer), an activation
-estimate per micro-batch, FLOPs per token and ERC's FLOP share.
+estimate per micro-batch, FLOPs per token and ERC's FLOP share, and the cost of every method (top-k,
+ERC, AoE, K-Means) at the config's shapes. FLOPs come from :mod:`moe_erc.flops`, whose assumptions are printed.
 
-Conventions: *active* parameters are the ones a token computes with (attention, router, K of n experts,
-dense MLPs, output layer; not the input embedding table, which is a lookup). Memory assumes bf16
+Conventions: *active* parameters are the ones a token computes with (attention, router or AoE's
+down projections of all experts, K of n experts, dense MLPs, output layer; not the input embedding
+table, which is a lookup). Memory assumes bf16
 weights (or the configured precision), fp32 gradient buffers and fp32 Adam (master weights + 2 moments).
 """
 
@@ -15,12 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import torch
 
 from moe_erc.config import Config, check_layout, data_parallel_size, load_config
 from moe_erc.errors import ConfigError
-from moe_erc.flops import active_matmul_params, num_moe_layers, step_flops
+from moe_erc.flops import (METHODS, aoe_shape, expert_width, method_flops, method_label, method_variant,
+                           num_moe_layers, padded_vocab_size, step_flops)
 
 GiB = 2**30
 BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -90,16 +94,20 @@ def _role(name: str, param) -> str:
 class Plan:
     world_size: int
     layout: str
+    method: str                     # the configured method's row of flops.METHODS
     total_params: int
     active_params: int
     params: dict
     per_rank_params: int
     memory_gib: dict
     activation_gib_per_microbatch: float
-    flops_per_token: float
-    erc_flop_share: float           # the paper's accounting (fraction)
-    erc_share_of_model_flops: float  # against all model FLOPs of the step (fraction)
+    flops_per_token: float          # training FLOPs per token of the configured method (ERC excluded)
+    flops_per_token_parts: dict     # the same by component (flops.StepFlops.per_token)
+    erc_flop_share: Optional[float]  # the paper's accounting (fraction); None without a router matrix
+    erc_share_of_model_flops: Optional[float]  # against all model training FLOPs of the step (fraction)
     tokens_per_step: int
+    method_costs: dict              # per method at these shapes: FLOPs per GPU per step, activations
+    flop_assumptions: list
 
 
 def make_plan(cfg: Config, world_size: int) -> Plan:
@@ -108,8 +116,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         raise ConfigError("model.vocab_size is not set; plan needs it (the tokenizer is not read): "
                           "add model.vocab_size to the config or pass model.vocab_size=N")
     m, p, moe, t = cfg.model, cfg.parallel, cfg.moe, cfg.training
-    multiple = m.make_vocab_size_divisible_by * p.tensor_model_parallel_size
-    vocab = -(-m.vocab_size // multiple) * multiple
+    vocab = padded_vocab_size(cfg)
     counts = count_parameters_on_meta(cfg, vocab)
     k_of_n = moe.moe_router_topk / moe.num_experts
     active = counts.total - counts.embedding - counts.experts + round(counts.experts * k_of_n)
@@ -134,23 +141,41 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     memory["total"] = memory["weights"] + memory["gradients"] + memory["optimizer"]
     memory["total_distributed_optimizer"] = memory["weights"] + memory["gradients"] + memory["optimizer_distributed"]
 
-    flops = step_flops(cfg.model_copy(update={"erc": cfg.erc.model_copy(update={"enabled": True})}),
-                       world_size, vocab)
-    tokens = t.global_batch_size * m.seq_length
-    n = moe.num_experts
-    # Paper's accounting: per EP rank, ERC is the gate forward of n * (n/ep) proxy-expert pairs (1/3 of an
-    # expert's forward each) against the K * T / dp token-expert forwards of its routed tokens.
-    paper_share = (n * (n / ep) / 3) / (moe.moe_router_topk * tokens / dp)
+    own = step_flops(cfg, world_size)
+    per_method = method_flops(cfg, world_size)
+    erc = per_method["ERC"]  # what ERC costs, or would cost in a top-k twin of this config
+    has_router = moe.router == "topk"
+    top_k = per_method["top-k / aux-free"]
+    method_costs = {}
+    for label, router, erc_on in METHODS:
+        f = per_method[label]
+        variant = method_variant(cfg, router, erc_on)
+        method_costs[label] = {
+            "router_tflop": f.tokens_per_step * f.per_token["router"] / world_size / 1e12,
+            "experts_tflop": f.tokens_per_step * f.per_token["experts"] / world_size / 1e12,
+            "aoe_recompute_tflop": f.tokens_per_step * f.per_token["aoe_recompute"] / world_size / 1e12,
+            "erc_tflop": f.erc_per_gpu / 1e12,
+            "moe_tflop": f.moe_per_gpu / 1e12,
+            "model_tflop": (f.model_per_gpu + f.erc_per_gpu) / 1e12,
+            "vs_topk": (f.model_per_gpu + f.erc_per_gpu) / top_k.model_per_gpu,
+            "moe_vs_topk": f.moe_per_gpu / top_k.moe_per_gpu,
+            "activation_gib_per_microbatch": activation_bytes(variant) / GiB,
+        }
     return Plan(
         world_size=world_size,
         layout=f"TP{tp} PP{pp} EP{ep} ETP{etp} DP{dp} (expert-DP {edp})",
+        method=method_label(cfg),
         total_params=counts.total, active_params=active, params=asdict(counts), per_rank_params=round(per_rank),
         memory_gib={k: round(v, 3) for k, v in memory.items()},
         activation_gib_per_microbatch=round(activation_bytes(cfg) / GiB, 3),
-        flops_per_token=6 * active_matmul_params(cfg, vocab) + 12 * m.num_layers * m.seq_length * m.hidden_size,
-        erc_flop_share=paper_share,  # what ERC costs, or would cost in a vanilla twin
-        erc_share_of_model_flops=flops.erc_share,
-        tokens_per_step=tokens,
+        flops_per_token=own.per_token_total,
+        flops_per_token_parts=dict(own.per_token),
+        erc_flop_share=erc.erc_share_paper if has_router else None,
+        erc_share_of_model_flops=erc.erc_share_model if has_router else None,
+        tokens_per_step=own.tokens_per_step,
+        method_costs=method_costs,
+        flop_assumptions=erc.assumptions.lines() + [
+            line for label in ("AoE", "K-Means") for line in per_method[label].assumptions.notes],
     )
 
 
@@ -160,15 +185,22 @@ def activation_bytes(cfg: Config) -> float:
     Per layer, after Korthikanti et al. (2022), with flash/fused attention (no ``a s^2 b`` score matrix, as
     with transformer-engine on GPU): attention ``11 s b h`` + norms ``4 s b h``, and
     for an MoE MLP ``K`` copies of the dense MLP's ``19 s b h`` scaled by ``D / 4h`` (SwiGLU: x 1.5); all
-    divided by TP. The first 1F1B stage holds ``min(PP, micro-batches)`` micro-batches of its layers.
+    divided by TP. AoE (gated experts of width ``D'``) also keeps the all-expert low-rank activation
+    ``[T, n*r]`` (``2 s b n r`` bytes) and its selected experts' ``[T*K, r]`` pieces (``2 K s b r``).
+    ERC keeps O(n^2) per layer and K-Means' scores are ``[T, n]`` (both not counted).
+    The first 1F1B stage holds ``min(PP, micro-batches)`` micro-batches of its layers.
     """
     m, p, moe, t = cfg.model, cfg.parallel, cfg.moe, cfg.training
     s, b, h = m.seq_length, t.micro_batch_size, m.hidden_size
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    width = moe.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * h
     glu = 1.5 if m.swiglu else 1.0
     attention = 11 * s * b * h + 4 * s * b * h
-    moe_mlp = moe.moe_router_topk * 19 * s * b * h * width / (4 * h) * glu
+    if moe.router == "aoe":
+        r, width = aoe_shape(cfg)
+        k = moe.moe_router_topk
+        moe_mlp = k * 19 * s * b * h * width / (4 * h) * 1.5 + 2 * s * b * moe.num_experts * r + 2 * k * s * b * r
+    else:
+        moe_mlp = moe.moe_router_topk * 19 * s * b * h * expert_width(cfg) / (4 * h) * glu
     dense_mlp = 19 * s * b * h * (m.ffn_hidden_size or 4 * h) / (4 * h) * glu
     n_moe = num_moe_layers(cfg)
     per_stage = (m.num_layers * attention + n_moe * moe_mlp + (m.num_layers - n_moe) * dense_mlp) / (tp * pp)
@@ -176,10 +208,16 @@ def activation_bytes(cfg: Config) -> float:
     return per_stage * min(pp, max(1, micro_batches))
 
 
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{100 * value:.3f} %"
+
+
 def print_plan(plan: Plan) -> None:
     c = plan.params
+    no_router = f"n/a ({plan.method} has no router matrix; see the ERC row below)"
     rows = [
         ("world size / layout", f"{plan.world_size}: {plan.layout}"),
+        ("method", plan.method),
         ("total parameters", f"{plan.total_params / 1e9:.3f} B"),
         ("active parameters / token", f"{plan.active_params / 1e6:.0f} M (input embedding excluded)"),
         ("  experts / attention / router", f"{c['experts'] / 1e9:.3f} B / {c['attention'] / 1e6:.0f} M / "
@@ -193,12 +231,31 @@ def print_plan(plan: Plan) -> None:
         ("activations per micro-batch (est.)", f"{plan.activation_gib_per_microbatch:.2f} GiB (bf16, flash attention, no recompute)"),
         ("training FLOPs per token", f"{plan.flops_per_token / 1e9:.2f} GFLOP"),
         ("tokens per step", f"{plan.tokens_per_step:,}"),
-        ("ERC FLOP share (paper's accounting)", f"{100 * plan.erc_flop_share:.3f} %"),
-        ("ERC share of all model FLOPs", f"{100 * plan.erc_share_of_model_flops:.3f} %"),
+        ("ERC FLOP share (paper's accounting)",
+         _pct(plan.erc_flop_share) + " (ERC gate GEMMs vs routed experts' forward; paper: 0.18 % at 3B, 0.72 % at 15B)"
+         if plan.erc_flop_share is not None else no_router),
+        ("ERC share of all model FLOPs", _pct(plan.erc_share_of_model_flops) + " (4 ERC GEMMs vs the step's training FLOPs)"
+         if plan.erc_share_of_model_flops is not None else no_router),
     ]
     width = max(len(k) for k, _ in rows)
     for key, value in rows:
         print(f"{key:<{width}}  {value}")
+    print("\nper method at these shapes (TFLOP per GPU per step, training; activations per micro-batch, one stage):")
+    header = ["method", "router/scoring", "experts", "AoE recompute", "ERC", "MoE total", "model total",
+              "MoE vs top-k", "model vs top-k", "activations"]
+    table = [header]
+    for label, cost in plan.method_costs.items():
+        table.append([("* " if label == plan.method else "  ") + label, f"{cost['router_tflop']:.3f}",
+                      f"{cost['experts_tflop']:.2f}", f"{cost['aoe_recompute_tflop']:.3f}", f"{cost['erc_tflop']:.3f}",
+                      f"{cost['moe_tflop']:.2f}", f"{cost['model_tflop']:.2f}", f"{cost['moe_vs_topk']:.3f}x",
+                      f"{cost['vs_topk']:.3f}x",
+                      f"{cost['activation_gib_per_microbatch']:.2f} GiB"])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+    print("\nFLOP count assumptions (moe_erc/flops.py):")
+    for line in plan.flop_assumptions:
+        print(f"  {line}")
 
 
 def main(argv: list[str]) -> int:

@@ -1,8 +1,13 @@
 """``moe-erc report RUN_DIR [RUN_DIR ...]``: figures and a Markdown summary from runs' ``metrics.jsonl``.
 
 One run: its curves. Several runs (vanilla, ERC, AoE, K-Means, ...): curves overlaid and one comparison
-table. Figures (PNG): loss (train and validation), ERC loss per layer, eps, MaxVio, and the tokens-per-expert
-heat-map (layer x expert) of the latest log window of each run.
+table. Figures (PNG): loss (train and validation), ERC loss per layer, eps, the post-hoc ERC loss, MaxVio, and
+the tokens-per-expert heat-map (layer x expert) of the latest log window of each run.
+
+The comparison table (:func:`summary_table`) compares runs at one point, never at their last records: the
+largest step at which every run has a validation record (by token count when the runs' tokens per step
+differ), with the validation loss as the headline. Nothing is interpolated; the table says which step.
+Train-side columns are means over the logged steps of the last tenth before that point, not one step's value.
 """
 
 from __future__ import annotations
@@ -11,12 +16,26 @@ import argparse
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import yaml
 
 from moe_erc.errors import UserError
+
+
+# Keys of the post-hoc ERC loss at alpha=1 (clean router rows), mean over layers, as the trainer logs it.
+POSTHOC_ERC = ("erc_loss_posthoc", "erc_posthoc_alpha1")
+
+
+def _get(record: Optional[dict], key):
+    if record is None:
+        return None
+    for name in (key if isinstance(key, tuple) else (key,)):
+        if record.get(name) is not None:
+            return record[name]
+    return None
 
 
 class Run:
@@ -31,13 +50,51 @@ class Run:
         config = path / "config.yaml"
         self.config = yaml.safe_load(config.read_text()) if config.is_file() else {}
 
-    def series(self, split: str, key: str) -> tuple[list[int], list]:
-        rows = [r for r in self.records if r["split"] == split and r.get(key) is not None]
-        return [r["step"] for r in rows], [r[key] for r in rows]
+    def _by_step(self, split: str) -> dict[int, dict]:
+        """The records of one split by step; a later record of the same step (a resumed run repeats the
+        steps after its last checkpoint) replaces the earlier one."""
+        rows: dict[int, dict] = {}
+        for record in self.records:
+            if record.get("split") == split:
+                rows[record["step"]] = record
+        return dict(sorted(rows.items()))
 
-    def last(self, split: str, key: str):
+    def series(self, split: str, key) -> tuple[list[int], list]:
+        """Steps and values of ``key`` (or the first present of a tuple of alternative names)."""
+        rows = [(step, _get(r, key)) for step, r in self._by_step(split).items()]
+        rows = [(step, v) for step, v in rows if v is not None]
+        return [step for step, _ in rows], [v for _, v in rows]
+
+    def last(self, split: str, key):
         values = self.series(split, key)[1]
         return values[-1] if values else None
+
+    def at(self, split: str, step: Optional[int], key):
+        """``key`` of the record of ``split`` at exactly ``step`` (None when there is none)."""
+        record = self._by_step(split).get(step) if step is not None else None
+        return _get(record, key) if record else None
+
+    def window_mean(self, split: str, key, end: Optional[int]):
+        """Mean of ``key`` over the logged steps in ``(end - max(1, end // 10), end]``."""
+        if end is None:
+            return None
+        start = end - max(1, end // 10)
+        steps, values = self.series(split, key)
+        chosen = [v for s, v in zip(steps, values) if start < s <= end and isinstance(v, (int, float))]
+        return sum(chosen) / len(chosen) if chosen else None
+
+    def validated_steps(self) -> list[int]:
+        return self.series("valid", "lm_loss")[0]
+
+    @property
+    def last_step(self) -> int:
+        return max((r["step"] for r in self.records if "step" in r), default=0)
+
+    @property
+    def tokens_per_step(self) -> Optional[int]:
+        batch = self.config.get("training", {}).get("global_batch_size")
+        seq = self.config.get("model", {}).get("seq_length")
+        return batch * seq if batch and seq else None
 
     @property
     def method(self) -> str:
@@ -61,8 +118,9 @@ def _plt():
     return plt
 
 
-def _line_figure(runs: list[Run], panels: list[tuple[str, str, str]], path: Path, title: str) -> Optional[Path]:
-    """``panels``: (split, key, label). Returns the path, or None when no run has any of the keys."""
+def _line_figure(runs: list[Run], panels: list[tuple], path: Path, title: str) -> Optional[Path]:
+    """``panels``: (split, key or tuple of alternative keys, label). Returns the path, or None when no run
+    has any of the keys."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
@@ -127,23 +185,89 @@ def _load_heatmap(run: Run, path: Path) -> Optional[Path]:
 
 def _fmt(value, digits: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
+        return "n/a"
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
-def summary_table(runs: list[Run]) -> list[str]:
-    header = ["run", "method", "steps", "final train loss", "final valid loss", "tokens/s (median)",
-              "MaxVio (batch)", "MaxVio (valid)", "coupling", "ERC loss", "eps mean"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+@dataclass
+class Alignment:
+    """Where the runs are compared: ``steps[run name]`` (None: nowhere) and a sentence saying so."""
+
+    steps: dict
+    note: str
+
+
+def align(runs: list[Run]) -> Alignment:
+    """The largest step at which every run has a validation record (by tokens when the runs' tokens per step
+    differ). Runs without validation records do not constrain it; nothing is interpolated."""
+    per_step = {run.tokens_per_step for run in runs}
+    by_tokens = None not in per_step and len(per_step) > 1
+    unit = "tokens" if by_tokens else "step"
+
+    def key(run: Run, step: int) -> int:
+        return step * run.tokens_per_step if by_tokens else step
+
+    same_tokens = next(iter(per_step)) if len(per_step) == 1 else None
+
+    def describe(value: int) -> str:
+        if by_tokens:
+            return f"{value:,} tokens"
+        return f"step {value}" + (f" ({value * same_tokens:,} tokens)" if same_tokens else "")
+
+    validated = [run for run in runs if run.validated_steps()]
+    unvalidated = [run.name for run in runs if not run.validated_steps()]
+    extra = (f" {', '.join(unvalidated)}: no validation records (train columns at the same "
+             f"{'token count' if by_tokens else 'step'})." if unvalidated else "")
+    if not validated:
+        end = min(key(run, run.last_step) for run in runs)
+        steps = {run.name: end // run.tokens_per_step if by_tokens else end for run in runs}
+        return Alignment(steps, f"No run has validation records; train columns at {describe(end)}, the largest "
+                                f"{unit} every run reached.")
+    common = set.intersection(*({key(run, s) for s in run.validated_steps()} for run in validated))
+    reached = min(key(run, run.last_step) for run in runs)
+    if common:
+        point = max(common)
+        steps = {run.name: point // run.tokens_per_step if by_tokens else point for run in runs}
+        note = (f"Compared at {describe(point)}: the largest {unit} at which every run has a validation record "
+                f"(validation loss is the headline); nothing is interpolated.")
+        if point < reached:
+            note += f" All runs reached {describe(reached)}, but were not all validated there."
+        return Alignment(steps, note + extra)
+    steps = {}
     for run in runs:
-        speeds = run.series("train", "tokens_per_s")[1]
-        steps = run.series("train", "lm_loss")[0]
+        own = [s for s in (run.validated_steps() or [run.last_step]) if key(run, s) <= reached]
+        steps[run.name] = max(own) if own else None
+    return Alignment(steps, f"No {unit} at which every run has a validation record: each run at its last "
+                            f"validation at or before {describe(reached)} (see the step column); the runs are "
+                            f"not aligned." + extra)
+
+
+def summary_table(runs: list[Run]) -> list[str]:
+    """The comparison table, with the sentence that says where the runs are compared above it."""
+    alignment = align(runs)
+    header = ["run", "method", "steps run", "compared at step", "tokens", "valid loss", "train loss (mean)",
+              "MaxVio (valid)", "MaxVio (train, mean)", "coupling (valid)", "eps mean",
+              "post-hoc ERC loss (alpha=1)", "ERC loss (train, mean)", "tokens/s (median)"]
+    lines = [alignment.note, "Train columns: mean over the logged steps in (S - max(1, S // 10), S], S = the "
+             "compared step (the last tenth of the run up to S, not one step's value). eps (mean noise bound) and the post-hoc ERC loss at alpha=1 (clean router rows, mean over layers): "
+             "for runs that log them (methods with a router matrix), n/a otherwise.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        step = alignment.steps[run.name]
+        speeds = [v for s, v in zip(*run.series("train", "tokens_per_s")) if step is None or s <= step]
+        tokens = step * run.tokens_per_step if step is not None and run.tokens_per_step else None
+
+        def weights_metric(key):  # a function of the weights at `step`: the validation record, else the train one
+            value = run.at("valid", step, key)
+            return value if value is not None else run.at("train", step, key)
+
         lines.append("| " + " | ".join([
-            run.name, run.method, str(steps[-1] if steps else 0), _fmt(run.last("train", "lm_loss")),
-            _fmt(run.last("valid", "lm_loss")), _fmt(statistics.median(speeds) if speeds else None, 5),
-            _fmt(run.last("train", "maxvio"), 3), _fmt(run.last("valid", "maxvio_global"), 3),
-            _fmt(run.last("valid", "coupling"), 3), _fmt(run.last("train", "erc_loss"), 3),
-            _fmt(run.last("train", "eps_mean"), 3)]) + " |")
+            run.name, run.method, str(run.last_step), _fmt(step), f"{tokens:,}" if tokens is not None else "n/a",
+            _fmt(run.at("valid", step, "lm_loss")), _fmt(run.window_mean("train", "lm_loss", step)),
+            _fmt(run.at("valid", step, "maxvio_global"), 3), _fmt(run.window_mean("train", "maxvio", step), 3),
+            _fmt(run.at("valid", step, "coupling"), 3), _fmt(weights_metric("eps_mean"), 3),
+            _fmt(weights_metric(POSTHOC_ERC), 3), _fmt(run.window_mean("train", "erc_loss", step), 3),
+            _fmt(statistics.median(speeds) if speeds else None, 5)]) + " |")
     return lines
 
 
@@ -155,7 +279,11 @@ def write_report(run_dirs: list[str], out_dir: Optional[str] = None) -> Path:
         ("Loss", _line_figure(runs, [("train", "lm_loss", "train"), ("valid", "lm_loss", "valid")],
                               out / "loss.png", "LM loss")),
         ("Noise bound eps (mean over experts and layers)",
-         _line_figure(runs, [("train", "eps_mean", "eps")], out / "eps.png", "eps (larger = more specialised)")),
+         _line_figure(runs, [("train", "eps_mean", "eps"), ("valid", "eps_mean", "eps (eval)")], out / "eps.png",
+                      "eps (larger = more specialised)")),
+        ("Post-hoc ERC loss at alpha=1 (evaluation, mean over layers)",
+         _line_figure(runs, [("valid", POSTHOC_ERC, "post-hoc ERC loss")], out / "erc_posthoc.png",
+                      "ERC loss at alpha=1, clean router rows (0 = coupled)")),
         ("MaxVio", _line_figure(runs, [("train", "maxvio", "batch"), ("valid", "maxvio_global", "valid")],
                                 out / "maxvio.png", "MaxVio = (max load - mean) / mean")),
         ("Router-expert coupling (validation)",

@@ -29,7 +29,7 @@ from moe_erc.data.corpus import prepare_embedded_corpus
 from moe_erc.data.datasets import (build_dataloader, build_gpt_datasets, check_indexed_dataset, move_batch,
                                    parse_data_path)
 from moe_erc.data.tokenizer import resolve_tokenizer
-from moe_erc.erc_layer import erc_layer_stats, set_training_step
+from moe_erc.erc_layer import erc_layer_stats, router_matrix_stats, set_training_step
 from moe_erc.errors import DataError, UserError
 from moe_erc.finite import all_finite, gradient_buffers, tensor_finite
 from moe_erc.instruments import RoutingMonitor, layer_summaries
@@ -199,17 +199,20 @@ class Trainer:
     def _maybe_resume(self) -> None:
         cfg = self.cfg
         source: Optional[Path] = None
+        # Decided on rank 0 and broadcast: on a shared filesystem ranks could otherwise see different steps.
         if cfg.training.resume == "auto":
-            source = checkpoint.find_latest(self.ckpt_dir, warn=self._say)
+            source = checkpoint.on_rank0(lambda: checkpoint.find_latest(self.ckpt_dir, warn=print))
         elif cfg.training.resume != "none":
-            source = checkpoint.resolve(cfg.training.resume)
+            source = checkpoint.on_rank0(lambda: checkpoint.resolve(cfg.training.resume))
         if source is not None:
             state = checkpoint.load(source, self.model, self.optimizer, self.scheduler)
             self.step = int(state.get("step", 0))
             self.consumed_samples = int(state.get("consumed_samples", 0))
-            self._say(f"resumed from {source} at step {self.step}")
+            rng = "RNG states restored" if state.get("restored_rng") else \
+                "RNG states not restored: saved in another layout"
+            self._say(f"resumed from {source} at step {self.step} ({rng})")
         elif cfg.checkpoint.load:
-            step_dir = checkpoint.resolve(cfg.checkpoint.load)
+            step_dir = checkpoint.on_rank0(lambda: checkpoint.resolve(cfg.checkpoint.load))
             checkpoint.load(step_dir, self.model)
             self._say(f"initialised weights from {step_dir}")
 
@@ -307,10 +310,13 @@ class Trainer:
         if t.nan_policy == "skip" and self.skipped_steps <= t.max_skipped_steps:
             return
         path = self.run_dir / f"nan_diagnostic_step{self.step}.json"
+        # Collectives (the ERC statistics reduce over the pipeline group) run on every rank, not only the
+        # logging one: a rank that skipped them would leave the others waiting until the NCCL timeout.
+        erc_stats = {"erc": self._erc_scalars()} if self.cfg.erc.enabled else {}
         if self.is_logger:
             diagnostic = {"step": self.step, "lm_loss": scalars["lm_loss"], "skipped_steps": self.skipped_steps,
                           "policy": t.nan_policy, "non_finite_gradients": self._non_finite_parameters(),
-                          **({"erc": self._erc_scalars()} if self.cfg.erc.enabled else {})}
+                          **erc_stats}
             path.write_text(json.dumps(diagnostic, indent=1, default=str))
         reason = ("training.nan_policy=stop" if t.nan_policy == "stop"
                   else f"more than training.max_skipped_steps={t.max_skipped_steps} skipped steps")
@@ -414,6 +420,8 @@ class Trainer:
         scalars.update(layer_summaries(self.monitor.train_stats(end_of_window=True)))
         if self.cfg.erc.enabled:
             scalars.update(self._erc_scalars())
+        else:  # eps of the router rows for every method with a router matrix (ERC logs its own)
+            scalars.update(self._layer_means(router_matrix_stats(self.model, self.cfg.model.num_layers)))
         self.writer.write(self.step, "train", scalars)
         shown = {"lb": "load_balancing_loss", "maxvio": "maxvio", "dead": "dead_experts", "erc": "erc_loss",
                  "eps": "eps_mean"}
@@ -422,8 +430,13 @@ class Trainer:
 
     def _erc_scalars(self) -> dict:
         """Mean over MoE layers of each ERC statistic (min for the margin), plus the per-layer lists."""
+        return self._layer_means(erc_layer_stats(self.model, self.cfg.model.num_layers))
+
+    @staticmethod
+    def _layer_means(stats: dict[str, list[float]]) -> dict:
+        """Mean over MoE layers of each statistic (min for margins and eps_min, max for eps_max), plus lists."""
         out = {}
-        for name, per_layer in erc_layer_stats(self.model, self.cfg.model.num_layers).items():
+        for name, per_layer in stats.items():
             values = [v for v in per_layer if not math.isnan(v)]
             if values:
                 out[name] = min(values) if name in ("erc_margin", "eps_min") else (
@@ -434,8 +447,10 @@ class Trainer:
     def _run_eval(self) -> Optional[float]:
         loss = self.evaluate()
         if loss is not None:
+            # Post-hoc ERC loss at alpha=1 (clean rows) and eps for every method with a router matrix.
+            posthoc = self._layer_means(router_matrix_stats(self.model, self.cfg.model.num_layers, posthoc_alpha=1.0))
             self.writer.write(self.step, "valid", {"lm_loss": loss, "ppl": math.exp(min(loss, 50)),
-                                                   **self._valid_instruments})
+                                                   **self._valid_instruments, **posthoc})
             self._say(f"validation at step {self.step}: loss {loss:.4f} | ppl {math.exp(min(loss, 50)):.1f}")
         return loss
 

@@ -52,4 +52,9 @@ def test_sbatch_has_headers_and_its_dry_run_is_clean_under_set_u(tmp_path):
     argv = shlex.split(proc.stdout)
     assert argv[0] == "srun" and "--container-image" in argv and "--container-mounts" in argv
     assert "--rdzv-endpoint" in argv and argv[argv.index("--rdzv-id") + 1] == "42"
-    assert f"logging.run_dir={tmp_path}/erc-15b-42" in argv and "parallel.world_size=16" in argv
+    # stable across resubmissions (a 48 h job limit against a long run): the job id is not in the run dir
+    assert f"logging.run_dir={tmp_path}/erc-15b" in argv and "parallel.world_size=16" in argv
+    env["SLURM_JOB_ID"] = "43"
+    again = shlex.split(subprocess.run(["bash", "-u", "scripts/slurm/train.sbatch", "configs/erc-15b.yaml"], cwd=REPO,
+                                       env=env, capture_output=True, text=True).stdout)
+    assert [a for a in again if a.startswith("logging.run_dir=")] == [f"logging.run_dir={tmp_path}/erc-15b"]

@@ -122,3 +122,45 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused_in_one_line(tiny_co
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 2 and last.startswith("moe-erc: error: cannot load") and "Traceback" not in proc.stderr
     assert "check that the config matches" in last
+
+
+def test_stopping_on_a_non_finite_step_with_pp2_and_erc_does_not_hang(tiny_corpus, tmp_path):
+    """The stop path reduces the ERC statistics over the pipeline group: every rank must join (a rank
+    that skipped the collective left the other waiting until the timeout)."""
+    from launch import _torchrun
+    from moe_erc.trainer import NAN_TEST_ENV
+
+    run_dir = tmp_path / "pp2"
+    cmd = [*_torchrun(2), "-m", "moe_erc.train", *TINY, f"data.data_path={tiny_corpus}",
+           f"logging.run_dir={run_dir}", "training.train_iters=4", "training.nan_policy=stop",
+           "erc.enabled=true", "parallel.pipeline_model_parallel_size=2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=150,
+                          env={**os.environ, NAN_TEST_ENV: "1", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode != 0
+    diagnostic = json.loads((run_dir / "nan_diagnostic_step2.json").read_text())
+    assert diagnostic["step"] == 2 and "erc" in diagnostic
+
+
+def test_the_checkpoint_to_resume_is_decided_on_rank0_and_broadcast():
+    from launch import run_worker
+
+    rows = run_worker("checkpoint_rank0.py", nproc=2)
+    assert sorted(r["rank"] for r in rows) == [0, 1]
+    assert {r["chosen"] for r in rows} == {"step_0000004"}  # rank 0's, though rank 1 listed step 6
+    assert all(r["error"] and "no complete checkpoint" in r["error"] for r in rows)
+
+
+def test_rng_states_are_restored_only_into_the_layout_they_were_saved_from(tiny_corpus, tmp_path):
+    """Same world size but another EP size (as recorded in the checkpoint): the per-rank RNG streams mean
+    something else there, so they are not restored (the weights and optimizer are)."""
+    run_dir = tmp_path / "run"
+    train(run_dir, tiny_corpus, "training.train_iters=4", "training.exit_interval=2")
+    meta_path = run_dir / "checkpoints" / "step_0000002" / "moe_erc.json"
+    same = train(run_dir, tiny_corpus, "training.train_iters=3")
+    assert "at step 2 (RNG states restored)" in same.stdout
+    meta = json.loads(meta_path.read_text())
+    meta["layout"]["expert_model_parallel_size"] = 2
+    meta_path.write_text(json.dumps(meta))
+    (run_dir / "checkpoints" / "latest").write_text("step_0000002\n")
+    other = train(run_dir, tiny_corpus, "training.train_iters=3", "training.resume=" + str(meta_path.parent))
+    assert "RNG states not restored: saved in another layout" in other.stdout
