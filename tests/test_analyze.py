@@ -42,3 +42,24 @@ def test_analyze_of_a_grouped_gemm_ep2_checkpoint_equals_erc_loss_on_its_tensors
             assert report["erc_loss"][str(alpha)] == pytest.approx(expected, rel=1e-5, abs=1e-8), (layer, alpha)
         eps = erc.noise_bounds(router[layer])
         assert report["eps_mean"] == pytest.approx(float(eps.mean()), rel=1e-5)
+
+
+def test_every_method_with_a_router_matrix_logs_eps_and_the_posthoc_erc_loss(tiny_corpus, tmp_path):
+    """A vanilla run (no ERC) logs eps at train log steps and, at evaluation, the post-hoc ERC loss at
+    alpha=1 that `moe-erc analyze` computes from its final checkpoint; methods without a router matrix
+    (K-Means) log neither."""
+    run = tmp_path / "vanilla"
+    train(run, tiny_corpus, "training.train_iters=2")
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if r["split"] == "valid"][-1]
+    assert all(r["eps_mean"] > 0 for r in records if r["split"] == "train")
+    proc = subprocess.run([sys.executable, "-m", "moe_erc", "analyze", str(run / "checkpoints"), "--json",
+                           "--alphas", "1"], capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    analysis = json.loads(proc.stdout.strip().splitlines()[-1])["layers"]
+    for layer, logged in enumerate(final["erc_loss_posthoc_per_layer"]):
+        assert logged == pytest.approx(analysis[str(layer + 1)]["erc_loss"]["1.0"], rel=1e-5, abs=1e-9)
+        assert final["eps_mean_per_layer"][layer] == pytest.approx(analysis[str(layer + 1)]["eps_mean"], rel=1e-5)
+    kmeans = tmp_path / "kmeans"
+    train(kmeans, tiny_corpus, "training.train_iters=1", "moe.router=kmeans", "moe.moe_router_load_balancing_type=none")
+    for record in map(json.loads, (kmeans / "metrics.jsonl").read_text().splitlines()):
+        assert "eps_mean" not in record and "erc_loss_posthoc" not in record

@@ -108,6 +108,101 @@ def test_z_loss_is_the_mean_squared_logsumexp_times_its_coefficient(env):
 
 
 # ------------------------------------------------------------------------------------------------
+# Each balancing loss's own effect, through megatron's router (its gradient alone, no LM loss)
+
+
+def _router_alone(env, *overrides, hidden=16, experts=4):
+    from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    router = TopKRouter(config=_config(env, f"model.hidden_size={hidden}", "model.num_attention_heads=2",
+                                       "model.num_layers=1", f"moe.num_experts={experts}", "moe.moe_router_topk=1",
+                                       "moe.moe_router_pre_softmax=true", *overrides),
+                        pg_collection=get_default_pg_collection())
+    router.set_layer_number(1)
+    router.train()
+    return router
+
+
+def _aux_gradient_step(router, tokens: torch.Tensor, lr: float) -> None:
+    """One SGD step on the router weight driven by the attached auxiliary losses only (upstream gradient 0)."""
+    router.weight.grad = None
+    probs, _ = router(tokens)
+    probs.backward(torch.zeros_like(probs))  # MoEAuxLossAutoScaler hands the aux losses their gradient
+    with torch.no_grad():
+        router.weight -= lr * router.weight.grad
+
+
+def _recorded(name: str) -> float:
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    tracker = get_moe_metrics_tracker()
+    value = float(tracker.metrics[name].values[0])
+    tracker.clear()
+    return value
+
+
+def _recorded_clear() -> None:
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+
+    get_moe_metrics_tracker().clear()
+
+
+def test_the_aux_loss_gradient_moves_a_skewed_load_toward_balance(env):
+    from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    router = _router_alone(env, "moe.moe_router_load_balancing_type=aux_loss", "moe.moe_aux_loss_coeff=1.0")
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(64, 1, 16, generator=g) + 2.0  # a shared direction: a few experts take everything
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(4, 16, generator=g) * 0.3)
+    def mean_probs():  # P_i, the differentiable half of n * sum_i f_i P_i
+        return torch.softmax(router.gating(tokens).view(64, 4), dim=-1).mean(0).detach()
+
+    before = mean_probs()
+    for _ in range(10):
+        _aux_gradient_step(router, tokens, lr=0.05)
+    after = mean_probs()
+    top = int(before.argmax())  # the loss only pushes experts that get tokens (f_i > 0): the busiest gives
+    assert after[top] < before[top] - 0.05 and _maxvio(after) < 0.75 * _maxvio(before), (before, after)
+
+
+def test_the_z_loss_gradient_lowers_the_logits(env):
+    from megatron.core.transformer.moe.router import MoEAuxLossAutoScaler
+
+    MoEAuxLossAutoScaler.set_loss_scale(torch.tensor(1.0))
+    router = _router_alone(env, "moe.moe_router_load_balancing_type=none", "moe.moe_z_loss_coeff=1.0")
+    tokens = torch.randn(32, 1, 16, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        router.weight.mul_(50.0)  # large logits: a large logsumexp
+    before = torch.logsumexp(router.gating(tokens).view(32, 4), dim=-1).square().mean()
+    for _ in range(5):
+        _aux_gradient_step(router, tokens, lr=0.05)
+    after = torch.logsumexp(router.gating(tokens).view(32, 4), dim=-1).square().mean()
+    assert after < 0.6 * before, (float(before), float(after))
+
+
+def test_the_per_sequence_loss_sees_imbalance_that_the_batch_loss_averages_away(env):
+    """Two sequences routed to opposite experts: balanced over the batch (aux_loss at its minimum, 1 with
+    megatron's scaling), unbalanced within each sequence (seq_aux_loss higher)."""
+    values = {}
+    for kind in ("aux_loss", "seq_aux_loss"):
+        router = _router_alone(env, f"moe.moe_router_load_balancing_type={kind}", "moe.moe_aux_loss_coeff=1.0",
+                               hidden=4, experts=2)
+        with torch.no_grad():
+            router.weight.copy_(torch.tensor([[10.0, 0, 0, 0], [-10.0, 0, 0, 0]]))
+        tokens = torch.zeros(8, 2, 4)  # [s, b, d]: sequence 0 -> expert 0, sequence 1 -> expert 1
+        tokens[:, 0, 0], tokens[:, 1, 0] = 1.0, -1.0
+        _recorded_clear()
+        router(tokens)
+        name = "load_balancing_loss" if kind == "aux_loss" else "seq_load_balancing_loss"
+        values[kind] = _recorded(name)
+    assert values["aux_loss"] == pytest.approx(1.0, rel=1e-3)  # n * sum f_i P_i at perfect balance
+    assert values["seq_aux_loss"] > 1.9 * values["aux_loss"], values
+
+
+# ------------------------------------------------------------------------------------------------
 # Every balancing type trains from the CLI; the expert bias lives in checkpoints
 
 
