@@ -163,10 +163,12 @@ class GroupedExperts(MegatronModule):
         # SequentialMLP model finds them in our checkpoints. They are dropped again on load.
         outer = tuple(size for _, _, size in sharded_offsets)
         outer_offset = tuple(offset for _, offset, _ in sharded_offsets)
+        extra_replica = (0, tp_rank, replica[2])  # one writer per expert: expert-TP rank 0 of expert-DP rank 0
         for e in range(self.num_local_experts):
             for fc in ("linear_fc1", "linear_fc2"):
                 out[f"{prefix}{_EXTRA}{fc}.{e}"] = ShardedObject(
-                    f"{ckpt}{fc}._extra_state", None, (*outer, n_global), (*outer_offset, first + e), replica_id=replica)
+                    f"{ckpt}{fc}._extra_state", None, (*outer, n_global), (*outer_offset, first + e),
+                    replica_id=extra_replica)
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):

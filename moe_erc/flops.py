@@ -19,7 +19,8 @@ Per MoE layer and token (forward), by ``moe.router``:
 * ``kmeans``: cosine to n centroids ``2 n d`` (no parameter, 2 x forward in training); experts as ``topk``.
 * ``aoe``: the all-expert scoring GEMM ``x @ Wdown`` ``2 n d r`` (every token, all n experts); K experts of
   width ``D'`` continuing from the low-rank activation: ``K * 2 * D' * (r + 2 d)``; where the cache cannot be
-  reused (EP > 1 or TP > 1: tokens arrive from other ranks) the selected experts recompute ``x @ Wdown_e``,
+  reused (EP > 1, TP > 1 or a capacity factor: tokens arrive from other ranks or are dropped) the selected
+  experts recompute ``x @ Wdown_e``,
   ``K * 2 d r``. ``r = moe.aoe_rank`` (default d/3), ``D' = moe_erc.routers.aoe.aoe_width(cfg)``.
 
 The ERC loss runs once per step and MoE layer. Each GPU computes the ``[n, n/ep]`` block of ``M`` on its
@@ -61,7 +62,8 @@ def expert_width(cfg: Config) -> int:
 
 
 def padded_vocab_size(cfg: Config, vocab_size: int | None = None) -> int:
-    """``vocab_size`` (default ``model.vocab_size``) padded to ``make_vocab_size_divisible_by x TP``, as training does."""
+    """``vocab_size`` (default ``model.vocab_size``) padded to ``make_vocab_size_divisible_by x TP`` as
+    training pads it (:func:`moe_erc.model.padded_vocab_size`, which imports megatron)."""
     vocab = cfg.model.vocab_size if vocab_size is None else vocab_size
     if vocab is None:
         raise ValueError("no vocabulary size: set model.vocab_size or pass vocab_size")
@@ -76,8 +78,11 @@ def aoe_shape(cfg: Config) -> tuple[int, int]:
 
 
 def aoe_recomputes(cfg: Config) -> bool:
-    """AoE experts recompute ``x @ Wdown_e`` unless they see exactly the router's tokens (EP = TP = 1)."""
-    return cfg.parallel.expert_model_parallel_size > 1 or cfg.parallel.tensor_model_parallel_size > 1
+    """AoE experts recompute ``x @ Wdown_e`` unless they see exactly the router's tokens (EP = TP = 1 and
+    dropless routing, as ``AoEExperts._low_rank`` decides)."""
+    p = cfg.parallel
+    return (p.expert_model_parallel_size > 1 or p.tensor_model_parallel_size > 1
+            or cfg.moe.moe_expert_capacity_factor is not None)
 
 
 @dataclass(frozen=True)
@@ -177,8 +182,9 @@ def step_flops(cfg: Config, world_size: int, vocab_size: int | None = None) -> S
         experts_fwd = k * 2 * width * (r + 2 * d)
         recompute = aoe_recomputes(cfg)
         recompute_fwd = k * 2 * d * r if recompute else 0
+        when = "counted (EP>1, TP>1 or capacity factor)" if recompute else "none (EP=TP=1, dropless)"
         notes.append(f"AoE: rank r={r}, expert width D'={width}; scoring 2 n d r per token; experts "
-                     f"K*2*D'*(r+2d); recompute K*2*d*r {'counted (EP>1 or TP>1)' if recompute else 'none (EP=TP=1)'}")
+                     f"K*2*D'*(r+2d); recompute K*2*d*r {when}")
 
     per_token = {
         "attention": 3 * m.num_layers * 2 * (d * (d + 2 * kv) + d * d),

@@ -117,11 +117,12 @@ def topk_overlap(selected: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
     g = norms.double().contiguous()
     larger = g.shape[-1] - torch.searchsorted(g.sort(dim=-1).values, g, side="right")  # strictly larger norms
     hits = (selected.bool() & (larger < k.unsqueeze(-1))).sum(-1)
-    return torch.where(k > 0, hits.double() / k.clamp_min(1), torch.full(k.shape, float("nan"), dtype=torch.float64,
-                                                                           device=k.device))
+    undefined = torch.full(k.shape, float("nan"), dtype=torch.float64, device=k.device)
+    return torch.where(k > 0, hits.double() / k.clamp_min(1), undefined)
 
 
-def coupling_scores(scores: torch.Tensor, norms: torch.Tensor, selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def coupling_scores(scores: torch.Tensor, norms: torch.Tensor,
+                    selected: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per token: (Spearman of router scores vs gate norms over all ``n`` experts, top-K overlap)."""
     return spearman_rows(scores, norms), topk_overlap(selected, norms)
 
@@ -155,12 +156,6 @@ def _local_gate_squares(experts, hidden: torch.Tensor, gated: bool) -> Optional[
     except NotImplementedError:
         return None
     return torch.stack([(hidden @ w.float().t()).double().pow(2).sum(-1) for w in weights], dim=1)
-
-
-def gate_norms(experts, hidden: torch.Tensor, gated: bool) -> Optional[torch.Tensor]:
-    """``[N, d] -> [N, m_local]`` L2 norms of each local expert's gate activation (pre-activation, this rank's rows)."""
-    squares = _local_gate_squares(experts, hidden.float(), gated)
-    return None if squares is None else squares.sqrt().float()
 
 
 def all_gate_norms(experts, hidden: torch.Tensor, gated: bool) -> Optional[torch.Tensor]:
@@ -251,7 +246,7 @@ class RoutingMonitor:
 
     def sample_rows(self, hidden: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
         """Rows of this rank's flattened router input ``[s_local, b, d]`` that are in the coupling sample."""
-        local_positions, micro_batch = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else (hidden.shape[0], 1)
+        local_positions, micro_batch = hidden.shape[0], (hidden.shape[1] if hidden.dim() == 3 else 1)
         tp = parallel_state.get_tensor_model_parallel_world_size() if sequence_parallel else 1
         first = parallel_state.get_tensor_model_parallel_rank() * local_positions if tp > 1 else 0
         key = (local_positions * tp, micro_batch, first, local_positions, str(hidden.device))

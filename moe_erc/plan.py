@@ -157,7 +157,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
             "erc_tflop": f.erc_per_gpu / 1e12,
             "moe_tflop": f.moe_per_gpu / 1e12,
             "model_tflop": (f.model_per_gpu + f.erc_per_gpu) / 1e12,
-            "vs_topk": (f.model_per_gpu + f.erc_per_gpu) / top_k.model_per_gpu,
+            "model_vs_topk": (f.model_per_gpu + f.erc_per_gpu) / top_k.model_per_gpu,
             "moe_vs_topk": f.moe_per_gpu / top_k.moe_per_gpu,
             "activation_gib_per_microbatch": activation_bytes(variant) / GiB,
         }
@@ -215,6 +215,7 @@ def _pct(value: Optional[float]) -> str:
 def print_plan(plan: Plan) -> None:
     c = plan.params
     no_router = f"n/a ({plan.method} has no router matrix; see the ERC row below)"
+    would = " if ERC were on" if plan.method != "ERC" else ""
     rows = [
         ("world size / layout", f"{plan.world_size}: {plan.layout}"),
         ("method", plan.method),
@@ -232,9 +233,11 @@ def print_plan(plan: Plan) -> None:
         ("training FLOPs per token", f"{plan.flops_per_token / 1e9:.2f} GFLOP"),
         ("tokens per step", f"{plan.tokens_per_step:,}"),
         ("ERC FLOP share (paper's accounting)",
-         _pct(plan.erc_flop_share) + " (ERC gate GEMMs vs routed experts' forward; paper: 0.18 % at 3B, 0.72 % at 15B)"
+         _pct(plan.erc_flop_share) + would + " (ERC gate GEMMs vs routed experts' forward; paper: 0.18 % at 3B, "
+                                             "0.72 % at 15B)"
          if plan.erc_flop_share is not None else no_router),
-        ("ERC share of all model FLOPs", _pct(plan.erc_share_of_model_flops) + " (4 ERC GEMMs vs the step's training FLOPs)"
+        ("ERC share of all model FLOPs", _pct(plan.erc_share_of_model_flops) + would
+         + " (4 ERC GEMMs vs the step's training FLOPs)"
          if plan.erc_share_of_model_flops is not None else no_router),
     ]
     width = max(len(k) for k, _ in rows)
@@ -248,11 +251,12 @@ def print_plan(plan: Plan) -> None:
         table.append([("* " if label == plan.method else "  ") + label, f"{cost['router_tflop']:.3f}",
                       f"{cost['experts_tflop']:.2f}", f"{cost['aoe_recompute_tflop']:.3f}", f"{cost['erc_tflop']:.3f}",
                       f"{cost['moe_tflop']:.2f}", f"{cost['model_tflop']:.2f}", f"{cost['moe_vs_topk']:.3f}x",
-                      f"{cost['vs_topk']:.3f}x",
+                      f"{cost['model_vs_topk']:.3f}x",
                       f"{cost['activation_gib_per_microbatch']:.2f} GiB"])
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  " + "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+        cells = [cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))]
+        print("  " + "  ".join(cells))
     print("\nFLOP count assumptions (moe_erc/flops.py):")
     for line in plan.flop_assumptions:
         print(f"  {line}")

@@ -25,17 +25,8 @@ import yaml
 from moe_erc.errors import UserError
 
 
-# Keys of the post-hoc ERC loss at alpha=1 (clean router rows), mean over layers, as the trainer logs it.
-POSTHOC_ERC = ("erc_loss_posthoc", "erc_posthoc_alpha1")
-
-
-def _get(record: Optional[dict], key):
-    if record is None:
-        return None
-    for name in (key if isinstance(key, tuple) else (key,)):
-        if record.get(name) is not None:
-            return record[name]
-    return None
+# The post-hoc ERC loss at alpha=1 (clean router rows), mean over layers, as the trainer logs it on evaluation.
+POSTHOC_ERC = "erc_loss_posthoc"
 
 
 class Run:
@@ -49,19 +40,22 @@ class Run:
         self.records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         config = path / "config.yaml"
         self.config = yaml.safe_load(config.read_text()) if config.is_file() else {}
+        self._split_cache: dict[str, dict[int, dict]] = {}
 
     def _by_step(self, split: str) -> dict[int, dict]:
         """The records of one split by step; a later record of the same step (a resumed run repeats the
         steps after its last checkpoint) replaces the earlier one."""
-        rows: dict[int, dict] = {}
-        for record in self.records:
-            if record.get("split") == split:
-                rows[record["step"]] = record
-        return dict(sorted(rows.items()))
+        if split not in self._split_cache:
+            rows: dict[int, dict] = {}
+            for record in self.records:
+                if record.get("split") == split:
+                    rows[record["step"]] = record
+            self._split_cache[split] = dict(sorted(rows.items()))
+        return self._split_cache[split]
 
-    def series(self, split: str, key) -> tuple[list[int], list]:
-        """Steps and values of ``key`` (or the first present of a tuple of alternative names)."""
-        rows = [(step, _get(r, key)) for step, r in self._by_step(split).items()]
+    def series(self, split: str, key: str) -> tuple[list[int], list]:
+        """Steps and values of ``key`` in the records of ``split`` that have it."""
+        rows = [(step, r.get(key)) for step, r in self._by_step(split).items()]
         rows = [(step, v) for step, v in rows if v is not None]
         return [step for step, _ in rows], [v for _, v in rows]
 
@@ -69,12 +63,12 @@ class Run:
         values = self.series(split, key)[1]
         return values[-1] if values else None
 
-    def at(self, split: str, step: Optional[int], key):
+    def at(self, split: str, step: Optional[int], key: str):
         """``key`` of the record of ``split`` at exactly ``step`` (None when there is none)."""
         record = self._by_step(split).get(step) if step is not None else None
-        return _get(record, key) if record else None
+        return record.get(key) if record else None
 
-    def window_mean(self, split: str, key, end: Optional[int]):
+    def window_mean(self, split: str, key: str, end: Optional[int]):
         """Mean of ``key`` over the logged steps in ``(end - max(1, end // 10), end]``."""
         if end is None:
             return None
@@ -118,9 +112,8 @@ def _plt():
     return plt
 
 
-def _line_figure(runs: list[Run], panels: list[tuple], path: Path, title: str) -> Optional[Path]:
-    """``panels``: (split, key or tuple of alternative keys, label). Returns the path, or None when no run
-    has any of the keys."""
+def _line_figure(runs: list[Run], panels: list[tuple[str, str, str]], path: Path, title: str) -> Optional[Path]:
+    """``panels``: (split, key, label). Returns the path, or None when no run has any of the keys."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
     drawn = False
@@ -248,9 +241,11 @@ def summary_table(runs: list[Run]) -> list[str]:
     header = ["run", "method", "steps run", "compared at step", "tokens", "valid loss", "train loss (mean)",
               "MaxVio (valid)", "MaxVio (train, mean)", "coupling (valid)", "eps mean",
               "post-hoc ERC loss (alpha=1)", "ERC loss (train, mean)", "tokens/s (median)"]
-    lines = [alignment.note, "Train columns: mean over the logged steps in (S - max(1, S // 10), S], S = the "
-             "compared step (the last tenth of the run up to S, not one step's value). eps (mean noise bound) and the post-hoc ERC loss at alpha=1 (clean router rows, mean over layers): "
-             "for runs that log them (methods with a router matrix), n/a otherwise.", "",
+    lines = [alignment.note, "",
+             "Train columns: mean over the logged steps in (S - max(1, S // 10), S], S = the compared step (the "
+             "last tenth of the run up to S, not one step's value). eps (mean noise bound) and the post-hoc ERC "
+             "loss at alpha=1 (clean router rows, mean over layers): for runs that log them (methods with a router "
+             "matrix), n/a otherwise.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         step = alignment.steps[run.name]

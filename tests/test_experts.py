@@ -95,3 +95,17 @@ def test_checkpoints_with_optimizer_state_move_between_the_modules(sequential_ru
     train(moved, tiny_corpus, *common, f"moe.moe_grouped_gemm={then}")
     for step in (3, 4):
         assert losses(moved)[step] == pytest.approx(losses(sequential_run)[step], rel=1e-5)
+
+
+def test_expert_tensor_parallel_grouped_experts_match_one_process_and_save(sequential_run, tiny_corpus, tmp_path):
+    """TP=2 (expert-TP 2: D split over two ranks) loads the one-process SequentialMLP checkpoint, logs its
+    losses, and writes a checkpoint of its own (one writer per expert-TP shard)."""
+    common = ["training.train_iters=2", "training.resume=none", "erc.enabled=true",
+              f"checkpoint.load={sequential_run / 'checkpoints'}"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    train(single, tiny_corpus, *common, "moe.moe_grouped_gemm=false")
+    train(double, tiny_corpus, *common, "moe.moe_grouped_gemm=true", "parallel.tensor_model_parallel_size=2", nproc=2)
+    one, two = losses(single), losses(double)
+    for step in (1, 2):
+        assert two[step] == pytest.approx(one[step], rel=2e-5), (one, two)
+    assert (double / "checkpoints" / "step_0000002" / "metadata.json").is_file()

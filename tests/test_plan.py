@@ -15,19 +15,92 @@ def _plan(*args):
                           cwd=REPO, timeout=240)
 
 
-@pytest.mark.parametrize("config, total, active, share", [
-    ("erc-3b.yaml", 3.0e9, 500e6, 0.0018),
-    ("erc-15b.yaml", 15.0e9, 700e6, 0.0072),
-])
-def test_plan_matches_the_papers_sizes_and_erc_share(config, total, active, share):
-    proc = _plan(f"configs/{config}", "--json")
+TOKENS = 768 * 4096  # global batch x sequence length of both paper configs
+GiB = 2**30
+
+
+def _plan_json(*args):
+    proc = _plan(*args, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("config, total, active, share, hand", [
+    # hand: the paper's accounting n^2 edp / (3 K T) (ERC gate GEMMs vs routed experts' forward per GPU)
+    ("erc-3b.yaml", 3.0e9, 500e6, 0.0018, 64 * 64 * 32 / (3 * 8 * TOKENS)),
+    ("erc-15b.yaml", 15.0e9, 700e6, 0.0072, 256 * 256 * 8 / (3 * 8 * TOKENS)),
+])
+def test_plan_matches_the_papers_sizes_and_erc_share(config, total, active, share, hand):
+    plan = _plan_json(f"configs/{config}")
     assert plan["total_params"] == pytest.approx(total, rel=0.10)
     assert plan["active_params"] == pytest.approx(active, rel=0.10)
-    assert abs(plan["erc_flop_share"] - share) <= 0.0005  # within 0.05 percentage points
+    assert plan["method"] == "ERC"
+    assert plan["erc_flop_share"] == pytest.approx(hand, rel=1e-12)
+    assert abs(plan["erc_flop_share"] - share) <= 0.0005  # within 0.05 percentage points of the paper
+    # ERC's 4 GEMMs per layer and step against all of the model's training FLOPs on one GPU
+    d, n, ep, world, layers, D = (1536, 64, 1, 32, 12, 768) if "3b" in config else (1536, 256, 8, 64, 24, 512)
+    erc = layers * 4 * 2 * n * (n / ep) * d * D
+    assert plan["erc_share_of_model_flops"] == pytest.approx(erc / (plan["flops_per_token"] * TOKENS / world),
+                                                             rel=1e-12)
+    assert plan["method_costs"]["ERC"]["erc_tflop"] == pytest.approx(erc / 1e12, rel=1e-12)
+    assert plan["method_costs"]["top-k / aux-free"]["erc_tflop"] == 0
     assert plan["memory_gib"]["total_distributed_optimizer"] < plan["memory_gib"]["total"]
     assert plan["activation_gib_per_microbatch"] > 0 and plan["flops_per_token"] > 6 * plan["active_params"]
+    assert any("input embedding" in line for line in plan["flop_assumptions"])
+
+
+def test_plan_models_aoe_scoring_wider_experts_recompute_and_cache():
+    """AoE at the 3B shapes, EP=1 and EP=8: every token scored by all n experts (2 n d r), experts of width
+    D' continuing from the low-rank activation, recompute of x Wdown_e at EP > 1, the [T, n r] cache kept."""
+    d, n, K, r, layers, s, b, D = 1536, 64, 8, 512, 12, 4096, 2, 768
+    D_aoe = round((d + 3 * d * D - d * r) / (r + 2 * d))  # parameters matched to router + SwiGLU expert: 768
+    ep1 = _plan_json("configs/erc-3b.yaml", "moe.router=aoe", "erc.enabled=false")
+    ep8 = _plan_json("configs/erc-3b.yaml", "moe.router=aoe", "erc.enabled=false",
+                     "parallel.expert_model_parallel_size=8")
+    for plan in (ep1, ep8):
+        assert plan["method"] == "AoE" and plan["erc_flop_share"] is None and plan["erc_share_of_model_flops"] is None
+        assert plan["params"]["router"] == layers * n * r * d  # every expert's Wdown
+        assert plan["params"]["experts"] == layers * n * (r * D_aoe + 2 * d * D_aoe)
+        parts = plan["flops_per_token_parts"]
+        assert parts["router"] == 3 * layers * 2 * n * d * r
+        assert parts["experts"] == 3 * layers * K * 2 * D_aoe * (r + 2 * d)
+    assert ep1["flops_per_token_parts"]["aoe_recompute"] == 0
+    assert ep8["flops_per_token_parts"]["aoe_recompute"] == 3 * layers * K * 2 * d * r
+    top_k = ep1["method_costs"]["top-k / aux-free"]
+    moe_topk = TOKENS / 32 * 3 * layers * (2 * n * d + K * 2 * 3 * d * D) / 1e12
+    moe_aoe = TOKENS / 32 * 3 * layers * (2 * n * d * r + K * 2 * D_aoe * (r + 2 * d)) / 1e12
+    assert top_k["moe_tflop"] == pytest.approx(moe_topk, rel=1e-12)
+    assert ep1["method_costs"]["AoE"]["moe_tflop"] == pytest.approx(moe_aoe, rel=1e-12)
+    assert ep1["method_costs"]["AoE"]["moe_vs_topk"] == pytest.approx(moe_aoe / moe_topk, rel=1e-12)  # ~2.55x
+    assert ep8["method_costs"]["AoE"]["moe_tflop"] == pytest.approx(
+        moe_aoe + TOKENS / 32 * 3 * layers * K * 2 * d * r / 1e12, rel=1e-12)
+    # Activations: the bf16 [T, n r] cache and the K selected [T, r] pieces per layer on top of top-k's
+    # (D' = D here, so the expert activations are the same).
+    cache = layers * (2 * s * b * n * r + 2 * K * s * b * r) / GiB
+    assert ep1["activation_gib_per_microbatch"] == pytest.approx(top_k["activation_gib_per_microbatch"] + cache,
+                                                                 abs=2e-3)
+    assert ep1["method_costs"]["AoE"]["activation_gib_per_microbatch"] == pytest.approx(
+        ep1["activation_gib_per_microbatch"], abs=2e-3)
+
+
+def test_plan_models_kmeans_cosine_scoring_without_router_parameters():
+    d, n, K, layers, D = 1536, 64, 8, 12, 768
+    plan = _plan_json("configs/erc-3b.yaml", "moe.router=kmeans", "erc.enabled=false",
+                      "moe.moe_router_load_balancing_type=none")
+    assert plan["method"] == "K-Means" and plan["erc_flop_share"] is None
+    assert plan["params"]["router"] == 0
+    parts = plan["flops_per_token_parts"]
+    assert parts["router"] == 2 * layers * 2 * n * d  # cosine forward + input gradient; nothing to train
+    assert parts["experts"] == 3 * layers * K * 2 * 3 * d * D
+    assert plan["method_costs"]["K-Means"]["moe_tflop"] == pytest.approx(
+        TOKENS / 32 * (parts["router"] + parts["experts"]) / 1e12, rel=1e-12)
+    printed = _plan("configs/erc-3b.yaml", "moe.router=kmeans", "erc.enabled=false",
+                    "moe.moe_router_load_balancing_type=none")
+    assert printed.returncode == 0, printed.stderr[-2000:]
+    table = printed.stdout.split("per method at these shapes")[1].split("\n\n")[0].splitlines()[2:]
+    assert [row.split()[0] for row in table] == ["top-k", "ERC", "AoE", "*"]  # every method, this one marked
+    assert table[-1].split()[1] == "K-Means"
+    assert "FLOP count assumptions" in printed.stdout and "K-Means: cosine scoring 2 n d" in printed.stdout
 
 
 @pytest.mark.parametrize("args, message", [
