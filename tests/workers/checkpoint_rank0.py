@@ -36,7 +36,10 @@ def main() -> int:
         error = None
     except CheckpointError as exc:
         error = str(exc)
-    print(json.dumps({"rank": rank, "chosen": chosen, "error": error}), flush=True)
+    for turn in range(dist.get_world_size()):  # one rank at a time: the lines share one stdout
+        if turn == rank:
+            print(json.dumps({"rank": rank, "chosen": chosen, "error": error}), flush=True)
+        dist.barrier()
     dist.destroy_process_group()
     return 0
 
