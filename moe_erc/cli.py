@@ -86,8 +86,14 @@ def _plan(argv: list[str]) -> int:
     return plan_main(argv)
 
 
+def _study(argv: list[str]) -> int:
+    from moe_erc.study import main as study_main
+
+    return study_main(argv)
+
+
 # Subcommands with their own argument parsers (argv after the command name is passed through).
-_PASSTHROUGH = {"preprocess": _preprocess, "report": _report, "analyze": _analyze, "plan": _plan}
+_PASSTHROUGH = {"preprocess": _preprocess, "report": _report, "analyze": _analyze, "plan": _plan, "study": _study}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("report", help="figures + report.md from one or more run directories")
     sub.add_parser("analyze", help="post-hoc ERC loss, eps, norms and M heat-maps of a checkpoint")
     sub.add_parser("plan", help="parameters, memory per rank, FLOPs and ERC share of a config (meta device)")
+    sub.add_parser("study", help="every method x seeds on configs/study.yaml, then docs/study/ (claims, figures)")
     return parser
 
 

@@ -1,0 +1,355 @@
+"""``moe-erc study``: every method x several seeds on one model and token budget, then the evidence.
+
+    moe-erc study                    # configs/study.yaml, 8 methods x 3 seeds (about 2 h on 2 CPU cores)
+    moe-erc study --quick            # 1 seed, 60 steps: a smoke run (minutes)
+
+Runs go to ``--runs`` (default ``runs/study/<method>-s<seed>``); a run whose final checkpoint exists is
+skipped, so an interrupted study resumes. Each finished run is analysed post hoc (``moe-erc analyze``: ERC
+loss with clean rows at alpha 0.5/1/2, eps, M) and the study writes ``--out`` (default ``docs/study``):
+``README.md`` with mean ± std over seeds per method, the paper's claims (a)-(d) each marked reproduced /
+not reproduced / inconclusive with its numbers, and PNG figures. It commits nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name -> (label, overrides). Same model, data order (the seed) and token budget for all.
+METHODS = {
+    "vanilla": ("vanilla (aux loss 0.01)", []),
+    "erc-0.25": ("ERC alpha=0.25", ["erc.enabled=true", "erc.alpha=0.25"]),
+    "erc-0.5": ("ERC alpha=0.5", ["erc.enabled=true", "erc.alpha=0.5"]),
+    "erc-1": ("ERC alpha=1", ["erc.enabled=true", "erc.alpha=1.0"]),
+    "erc-2": ("ERC alpha=2", ["erc.enabled=true", "erc.alpha=2.0"]),
+    "aoe": ("AoE", ["moe.router=aoe"]),
+    "kmeans": ("K-Means", ["moe.router=kmeans", "moe.moe_router_load_balancing_type=none"]),
+    "auxfree": ("aux-loss-free", ["moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true",
+                                  "moe.moe_router_load_balancing_type=none"]),
+}
+# One colour per method in every figure.
+COLORS = {"vanilla": "#444444", "erc-0.25": "#08306b", "erc-0.5": "#2171b5", "erc-1": "#6baed6",
+          "erc-2": "#c6dbef", "aoe": "#d94801", "kmeans": "#238b45", "auxfree": "#807dba"}
+ALPHAS = (0.5, 1.0, 2.0)
+SEEDS = (1234, 2345, 3456)
+QUICK = ["training.train_iters=60", "training.eval_interval=20", "training.eval_iters=4",
+         "optimizer.lr_warmup_iters=6", "logging.log_interval=10", "checkpoint.save_interval=60"]
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+
+def _records(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def _finished(run_dir: Path, train_iters: int) -> bool:
+    from moe_erc import checkpoint
+
+    latest = checkpoint.find_latest(run_dir / "checkpoints", warn=lambda _: None)
+    return latest is not None and checkpoint.read_metadata(latest).get("step") == train_iters
+
+
+def run_all(config: str, methods: list[str], seeds: list[int], runs: Path, extra: list[str],
+            say=print) -> dict[tuple[str, int], Path]:
+    """Train every (method, seed) not finished yet, one process each; returns their run directories."""
+    from moe_erc.config import load_config
+
+    train_iters = load_config(config, extra).training.train_iters
+    done = {}
+    for method in methods:
+        for seed in seeds:
+            run_dir = runs / f"{method}-s{seed}"
+            if _finished(run_dir, train_iters):
+                say(f"study: {run_dir.name} already finished, skipped")
+            else:
+                say(f"study: training {run_dir.name}")
+                start = time.perf_counter()
+                cmd = [sys.executable, "-m", "moe_erc", "train", config, *METHODS[method][1], *extra,
+                       f"training.seed={seed}", f"logging.run_dir={run_dir}", "logging.progress=false"]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    from moe_erc.errors import UserError
+
+                    raise UserError(f"study run {run_dir.name} failed ({proc.stderr.strip().splitlines()[-1:]}); "
+                                    f"rerun `moe-erc study` to resume")
+                say(f"study: {run_dir.name} done in {time.perf_counter() - start:.0f} s")
+            done[(method, seed)] = run_dir
+    return done
+
+
+def _analyze(run_dir: Path) -> dict | None:
+    """What ``moe-erc analyze`` computes for the final checkpoint, M included (None without a router matrix)."""
+    from moe_erc.analyze import analyze
+    from moe_erc.errors import CheckpointError
+
+    try:
+        return analyze(str(run_dir / "checkpoints"), list(ALPHAS))
+    except CheckpointError:  # AoE / K-Means: no router matrix to analyse
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+
+def measure(config: str, method: str, run_dir: Path, extra: list[str]) -> dict:
+    """The numbers of one finished run."""
+    from moe_erc.config import load_config
+    from moe_erc.flops import step_flops
+
+    records = _records(run_dir)
+    valid = [r for r in records if r["split"] == "valid"]
+    train = [r for r in records if r["split"] == "train"]
+    from moe_erc import checkpoint
+
+    cfg = load_config(config, [*METHODS[method][1], *extra])
+    vocab = checkpoint.read_metadata(checkpoint.find_latest(run_dir / "checkpoints"))["padded_vocab_size"]
+    flops = step_flops(cfg, 1, vocab)
+    out = {
+        "valid_curve": [(r["step"], r["lm_loss"]) for r in valid],
+        "valid_loss": valid[-1]["lm_loss"],
+        "maxvio_curve": [(r["step"], r["maxvio"]) for r in train if r.get("maxvio") is not None],
+        "maxvio_valid": valid[-1].get("maxvio_global"),
+        "dead_experts": statistics.mean(r.get("dead_experts") or 0 for r in train) if train else None,
+        "coupling": valid[-1].get("coupling"),
+        "coupling_topk": valid[-1].get("coupling_topk"),
+        "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train) if train else None,
+        "flops_per_token": (flops.tokens_per_step * flops.per_token_total + flops.erc_per_gpu) / flops.tokens_per_step,
+    }
+    analysis = _analyze(run_dir)
+    if analysis is not None:
+        layers = sorted(analysis["layers"], key=int)
+        out["posthoc"] = {a: [analysis["layers"][k]["erc_loss"][str(a)] for k in layers] for a in ALPHAS}
+        out["eps"] = [analysis["layers"][k]["eps_mean"] for k in layers]
+        out["margin"] = [analysis["layers"][k]["margin"] for k in layers]
+        out["M"] = [analysis["layers"][k]["M"] for k in layers]
+    return out
+
+
+def _mean_std(values) -> tuple[float, float]:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return float("nan"), float("nan")
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _fmt(pair, digits=4) -> str:
+    mean, std = pair
+    return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------------------------- claims
+
+
+def claims(results: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence) for the paper's claims (a)-(d), from per-method lists of run results."""
+    out = []
+    van, erc1 = results.get("vanilla"), results.get("erc-1")
+    if van and erc1 and "posthoc" in van[0] and "posthoc" in erc1[0]:
+        layers = len(van[0]["posthoc"][1.0])
+        erc_layers = [_mean_std(r["posthoc"][1.0][k] for r in erc1)[0] for k in range(layers)]
+        van_layers = [_mean_std(r["posthoc"][1.0][k] for r in van)[0] for k in range(layers)]
+        ok = max(erc_layers) < 1e-3 and min(van_layers) > 1e-3
+        verdict = "reproduced" if ok else ("not reproduced" if max(erc_layers) >= min(van_layers) else "inconclusive")
+        out.append(("(a) ERC (alpha=1) drives the post-hoc ERC loss at alpha=1 to ~0 in every layer; vanilla keeps it > 0",
+                    verdict, f"per layer, ERC: {', '.join(f'{v:.4f}' for v in erc_layers)}; "
+                             f"vanilla: {', '.join(f'{v:.4f}' for v in van_layers)} (test: every ERC layer < 1e-3, "
+                             f"every vanilla layer > 1e-3)"))
+    ercs = [m for m in ("erc-0.25", "erc-0.5", "erc-1", "erc-2") if results.get(m) and "eps" in results[m][0]]
+    if len(ercs) >= 2:
+        eps = [(m, _mean_std(statistics.mean(r["eps"]) for r in results[m])) for m in ercs]
+        means = [e[1][0] for e in eps]
+        falling = all(a > b for a, b in zip(means, means[1:]))
+        spread = max(e[1][1] for e in eps)
+        verdict = "reproduced" if falling and means[0] - means[-1] > 2 * spread else (
+            "inconclusive" if falling or abs(means[0] - means[-1]) <= 2 * spread else "not reproduced")
+        out.append(("(b) eps (mean over experts and layers) falls as alpha rises", verdict,
+                    "; ".join(f"{m}: {_fmt(s)}" for m, s in eps) + " (test: strictly falling, and first - last > "
+                    "2 x the largest seed std)"))
+    if van and erc1:
+        paired = [e["valid_loss"] - v["valid_loss"] for e, v in zip(erc1, van)]
+        mean, std = _mean_std(paired)
+        if len(paired) < 2:
+            verdict = "inconclusive"
+        else:
+            verdict = "reproduced" if mean <= std else ("not reproduced" if mean > 2 * std else "inconclusive")
+        out.append(("(c) ERC's validation loss <= vanilla's within seed noise", verdict,
+                    f"seed-paired ERC (alpha=1) - vanilla: {mean:+.4f} ± {std:.4f} over {len(paired)} seed(s) "
+                    f"(test: mean difference <= its std; > 2 std = not reproduced; one seed = inconclusive)"))
+    aoe = results.get("aoe")
+    if aoe and erc1:
+        a, e = aoe[0]["flops_per_token"], erc1[0]["flops_per_token"]
+        ta, te = _mean_std(r["tokens_per_s"] for r in aoe)[0], _mean_std(r["tokens_per_s"] for r in erc1)[0]
+        out.append(("(d) AoE costs more per token than ERC", "reproduced" if a > e else "not reproduced",
+                    f"analytic training FLOPs per token: AoE {a / 1e6:.2f} M vs ERC {e / 1e6:.2f} M ({a / e:.2f}x); "
+                    f"measured on this CPU: {ta:,.0f} vs {te:,.0f} tokens/s"))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def figures(results: dict[str, list[dict]], out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = []
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        names.append(name)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, runs in results.items():
+        steps = [s for s, _ in runs[0]["valid_curve"]]
+        stats = [_mean_std(r["valid_curve"][i][1] for r in runs) for i in range(len(steps))]
+        mean = [m for m, _ in stats]
+        ax.plot(steps, mean, color=COLORS[method], label=METHODS[method][0])
+        ax.fill_between(steps, [m - s for m, s in stats], [m + s for m, s in stats], color=COLORS[method], alpha=0.15)
+    ax.set(xlabel="training step", ylabel="validation LM loss (nats/token)", title="Validation loss (mean ± std over seeds)")
+    ax.legend(fontsize=7)
+    save(fig, "valid_loss.png")
+
+    with_matrix = [m for m in results if "posthoc" in results[m][0]]
+    if with_matrix:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+        layers = len(results[with_matrix[0]][0]["eps"])
+        width = 0.8 / len(with_matrix)
+        for i, method in enumerate(with_matrix):
+            runs = results[method]
+            xs = [k + i * width for k in range(layers)]
+            post = [_mean_std(r["posthoc"][1.0][k] for r in runs) for k in range(layers)]
+            eps = [_mean_std(r["eps"][k] for r in runs) for k in range(layers)]
+            axes[0].bar(xs, [m for m, _ in post], width, yerr=[s for _, s in post], color=COLORS[method],
+                        label=METHODS[method][0])
+            axes[1].bar(xs, [m for m, _ in eps], width, yerr=[s for _, s in eps], color=COLORS[method])
+        for ax, label in zip(axes, ("post-hoc ERC loss at alpha=1 (clean rows)", "eps: mean noise bound")):
+            ax.set_xticks([k + 0.4 - width / 2 for k in range(layers)], [f"layer {k + 1}" for k in range(layers)])
+            ax.set(ylabel=label)
+        axes[0].set_title("Router-expert coupling after training")
+        axes[1].set_title("Router specialisation (eps)")
+        axes[0].legend(fontsize=7)
+        save(fig, "posthoc_erc_and_eps.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for method, runs in results.items():
+        steps = [s for s, _ in runs[0]["maxvio_curve"]]
+        if steps:
+            mean = [_mean_std(r["maxvio_curve"][i][1] for r in runs if i < len(r["maxvio_curve"]))[0]
+                    for i in range(len(steps))]
+            ax.plot(steps, mean, color=COLORS[method], label=METHODS[method][0])
+    ax.set(xlabel="training step", ylabel="MaxVio of the batch ((max - mean) / mean load)",
+           title="Load balance during training (mean over seeds and layers)")
+    ax.legend(fontsize=7)
+    save(fig, "maxvio.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    methods = list(results)
+    ax.bar(range(len(methods)), [results[m][0]["flops_per_token"] / 1e6 for m in methods],
+           color=[COLORS[m] for m in methods])
+    ax.set_xticks(range(len(methods)), [METHODS[m][0] for m in methods], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="training MFLOP per token (analytic)", title="Cost per token (moe_erc/flops.py)")
+    save(fig, "flops_per_token.png")
+
+    for method in ("vanilla", "erc-1"):
+        if method in results and "M" in results[method][0]:
+            matrices = results[method][0]["M"]
+            fig, axes = plt.subplots(1, len(matrices), figsize=(3 * len(matrices), 3))
+            for k, (ax, M) in enumerate(zip(list(axes) if len(matrices) > 1 else [axes], matrices)):
+                image = ax.imshow(M, cmap="viridis")
+                ax.set(title=f"layer {k + 1}", xlabel="expert j", ylabel="proxy of expert i")
+                fig.colorbar(image, ax=ax, fraction=0.046)
+            fig.suptitle(f"M[i, j] = ||Wg_j R_i||, {METHODS[method][0]}, first seed")
+            save(fig, f"M_{method}.png")
+    return names
+
+
+def write_report(results, config: str, extra: list[str], seeds: list[int], out: Path, command: str) -> Path:
+    from moe_erc.config import load_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = figures(results, out)
+    cfg = load_config(config, extra)
+    m, moe, t = cfg.model, cfg.moe, cfg.training
+    lines = [
+        "# The small-scale study", "",
+        f"Command: `{command}`  ",
+        f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, Python {platform.python_version()}; "
+        f"written {time.strftime('%Y-%m-%d %H:%M')}  ",
+        f"Model ({config}{' + ' + ' '.join(extra) if extra else ''}): {m.num_layers} layers, d={m.hidden_size}, "
+        f"{moe.num_experts} experts top-{moe.moe_router_topk} (width {moe.moe_ffn_hidden_size}), seq {m.seq_length}; "
+        f"{t.train_iters} steps x {t.global_batch_size * m.seq_length} tokens; seeds {', '.join(map(str, seeds))} "
+        f"(the seed sets initial weights and data order; every method sees the same data for a seed).", "",
+        "## Per method (mean ± std over seeds)", "",
+        "| method | validation loss | post-hoc ERC loss, alpha=0.5 / 1 / 2 (mean over layers) | eps | MaxVio (valid) "
+        "| dead experts | coupling | top-K overlap | tokens/s | MFLOP/token |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for method, runs in results.items():
+        if "posthoc" in runs[0]:
+            posthoc = " / ".join(_fmt(_mean_std(statistics.mean(r["posthoc"][a]) for r in runs), 4) for a in ALPHAS)
+            eps = _fmt(_mean_std(statistics.mean(r["eps"]) for r in runs), 3)
+        else:
+            posthoc, eps = "n/a (no router matrix)", "n/a"
+        lines.append(
+            f"| {METHODS[method][0]} | {_fmt(_mean_std(r['valid_loss'] for r in runs))} | {posthoc} | {eps} | "
+            f"{_fmt(_mean_std(r['maxvio_valid'] for r in runs), 3)} | {_fmt(_mean_std(r['dead_experts'] for r in runs), 2)} | "
+            f"{_fmt(_mean_std(r['coupling'] for r in runs), 3)} | {_fmt(_mean_std(r['coupling_topk'] for r in runs), 3)} | "
+            f"{_mean_std(r['tokens_per_s'] for r in runs)[0]:,.0f} | {runs[0]['flops_per_token'] / 1e6:.2f} |")
+    lines += ["", "Post-hoc ERC loss and eps per layer (alpha=1, clean router rows, as `moe-erc analyze` computes them):",
+              "", "| method | " + " | ".join(f"layer {k + 1} ERC / eps" for k in range(m.num_layers)) + " |",
+              "|---|" + "---|" * m.num_layers]
+    for method, runs in results.items():
+        if "posthoc" in runs[0]:
+            cells = [f"{_mean_std(r['posthoc'][1.0][k] for r in runs)[0]:.4f} / "
+                     f"{_mean_std(r['eps'][k] for r in runs)[0]:.3f}" for k in range(len(runs[0]['eps']))]
+            lines.append(f"| {METHODS[method][0]} | " + " | ".join(cells) + " |")
+    lines += ["", "## The paper's claims at this scale", ""]
+    for claim, verdict, evidence in claims(results):
+        lines.append(f"- **{claim}: {verdict}.** {evidence}")
+    lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in names] + [""]
+    path = out / "README.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="moe-erc study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="configs/study.yaml")
+    parser.add_argument("--quick", action="store_true", help="one seed, 60 steps: a smoke run")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {', '.join(METHODS)}")
+    parser.add_argument("--seeds", default=None, help="comma list (default: 3 seeds; --quick: 1)")
+    parser.add_argument("--runs", default="runs/study", help="where the runs go (resumable)")
+    parser.add_argument("--out", default="docs/study", help="where README.md and the figures go")
+    parser.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
+                        help="config overrides for every run (e.g. a smaller model)")
+    args = parser.parse_args(argv)
+    from moe_erc.errors import ConfigError
+
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown study method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SEEDS[:1] if args.quick else SEEDS)
+    extra = [*(QUICK if args.quick else []), *args.set]
+    runs = run_all(args.config, methods, seeds, Path(args.runs), extra)
+    results = {m: [measure(args.config, m, runs[(m, s)], extra) for s in seeds] for m in methods}
+    command = "moe-erc study " + " ".join(argv if argv is not None else sys.argv[2:])
+    path = write_report(results, args.config, extra, seeds, Path(args.out), command.strip())
+    print(f"study: wrote {path} and {len(list(Path(args.out).glob('*.png')))} figures")
+    return 0
