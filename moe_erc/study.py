@@ -176,7 +176,7 @@ def claims(results: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
                 "inconclusive" if falling or abs(means[0] - means[-1]) <= 2 * spread else "not reproduced")
         out.append(("(b) eps (mean over experts and layers) falls as alpha rises", verdict,
                     "; ".join(f"{m}: {_fmt(s)}" for m, s in eps) + " (test: strictly falling, and first - last > "
-                    "2 x the largest seed std)"))
+                    "2 x the largest seed std; one seed = inconclusive)"))
     if van and erc1:
         paired = [e["valid_loss"] - v["valid_loss"] for e, v in zip(erc1, van)]
         mean, std = _mean_std(paired)
