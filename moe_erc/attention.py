@@ -12,7 +12,6 @@ Shapes: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> context ``[s
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from moe_erc.compat import import_megatron

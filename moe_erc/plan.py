@@ -115,7 +115,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     if cfg.model.vocab_size is None:
         raise ConfigError("model.vocab_size is not set; plan needs it (the tokenizer is not read): "
                           "add model.vocab_size to the config or pass model.vocab_size=N")
-    m, p, moe, t = cfg.model, cfg.parallel, cfg.moe, cfg.training
+    p, moe, t = cfg.parallel, cfg.moe, cfg.training
     vocab = padded_vocab_size(cfg)
     counts = count_parameters_on_meta(cfg, vocab)
     k_of_n = moe.moe_router_topk / moe.num_experts
