@@ -144,8 +144,14 @@ class TrainingConfig(_Group):
 
 
 class OptimizerConfig(_Group):
-    """AdamW with warmup then decay to ``min_lr`` (Megatron-LM names)."""
+    """The update rule, then warmup and decay to ``min_lr`` (Megatron-LM names). docs/optimizers.md.
 
+    ``adamw``: megatron-core's AdamW. ``muon``: megatron-core's Muon (emerging-optimizers) on every matrix,
+    AdamW on embeddings, LM head and vectors. ``symmetric``: one symmetry-compatible rule per parameter
+    class (moe_erc/symmetric.py), AdamW on vectors. The ``muon_*`` keys apply to both Muon variants.
+    """
+
+    name: Literal["adamw", "muon", "symmetric"] = "adamw"
     lr: float = 1e-3
     min_lr: float = 1e-4
     lr_warmup_iters: int = 20
@@ -156,6 +162,23 @@ class OptimizerConfig(_Group):
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    muon_momentum: float = 0.95
+    muon_nesterov: bool = True
+    muon_num_ns_steps: int = 5  # Newton-Schulz iterations per matrix and step
+    muon_coefficient_type: str = "quintic"
+    # megatron's scale modes; "spectral" (sqrt(max(out, in))) gives unit-RMS updates, which the extra
+    # factor 0.2 brings to AdamW's typical update RMS, so AdamW's lr carries over (Moonshot's recipe).
+    muon_scale_mode: Literal["spectral", "unit_rms_norm", "shape_scaling"] = "spectral"
+    muon_extra_scale_factor: float = 0.2
+    # duplicated: gather a TP-sharded matrix, orthogonalize it whole (the single-process update);
+    # blockwise: orthogonalize each shard (no communication, a different update per layout).
+    muon_tp_mode: Literal["duplicated", "blockwise", "distributed"] = "duplicated"
+    # Newton-Schulz matmuls: medium = bf16 (fast on GPU), highest = fp32; auto = medium on GPU, highest on
+    # CPU (where bf16 matmuls of small matrices are ~10x slower than fp32).
+    muon_fp32_matmul_prec: Literal["auto", "highest", "high", "medium"] = "auto"
+    symmetric_embedding_rule: Literal["row_norm", "hybrid", "spectral"] = "row_norm"  # embeddings, LM head
+    symmetric_router_rule: Literal["centered_row_norm", "left_spectral"] = "centered_row_norm"
+    symmetric_mlp_rule: Literal["aware", "spectral"] = "aware"  # aware: fc1 row-aware, fc2 column-aware
 
 
 class LoggingConfig(_Group):
@@ -335,6 +358,13 @@ def check_layout(cfg: Config, world_size: int, device: str = "cuda") -> None:
     if device == "cpu" and t.precision == "fp16":
         raise ConfigError("training.precision=fp16 needs a CUDA GPU (megatron-core's fp16 loss scaling is "
                           "CUDA-only); use bf16 or fp32 on CPU")
+    opt = cfg.optimizer.name
+    if opt != "adamw" and p.use_distributed_optimizer:
+        raise ConfigError(
+            f"optimizer.name={opt} keeps its state replicated over data-parallel ranks (megatron's layer-wise "
+            f"distributed Muon is not wired in yet); set parallel.use_distributed_optimizer=false")
+    if opt != "adamw" and t.precision == "fp16":
+        raise ConfigError(f"optimizer.name={opt} does not support fp16 (megatron's Muon); use bf16 or fp32")
     if device == "cpu" and p.use_distributed_optimizer:
         raise ConfigError(
             "parallel.use_distributed_optimizer=true needs CUDA: megatron-core's distributed optimizer only "

@@ -1,4 +1,5 @@
-"""Optimizer and LR schedule: megatron-core's AdamW (chained dense/expert when EP > 1) + warmup/decay."""
+"""Optimizer and LR schedule: megatron-core's AdamW, Muon or the symmetric stack (chained dense/expert
+optimizers, AdamW for vectors) + warmup/decay."""
 
 from __future__ import annotations
 
@@ -25,11 +26,69 @@ def wrap_ddp(cfg: Config, tf_config: TransformerConfig, model: torch.nn.Module) 
     return DistributedDataParallel(config=tf_config, ddp_config=ddp_config, module=model)
 
 
+def megatron_optimizer_name(cfg: Config) -> str:
+    """``adam``, or the name our Muon variants are registered under in megatron's emerging optimizers."""
+    if cfg.optimizer.name == "adamw":
+        return "adam"
+    from moe_erc import symmetric
+    from moe_erc.errors import ConfigError
+
+    if not symmetric.HAVE_EMERGING_OPTIMIZERS:
+        raise ConfigError(
+            f"optimizer.name={cfg.optimizer.name} needs megatron's Muon backend, the emerging-optimizers package: "
+            f"pip install --no-deps --ignore-requires-python emerging-optimizers==0.3.0 absl-py "
+            f"(scripts/setup_env.sh installs it)")
+    return symmetric.REGISTRY_NAME[cfg.optimizer.name]
+
+
+def newton_schulz_precision(cfg: Config) -> str:
+    """``optimizer.muon_fp32_matmul_prec`` with ``auto`` resolved: bf16 (medium) on GPU, fp32 on CPU."""
+    from moe_erc.compat import runtime_device
+
+    prec = cfg.optimizer.muon_fp32_matmul_prec
+    return prec if prec != "auto" else ("medium" if runtime_device() == "cuda" else "highest")
+
+
+def tag_parameters(cfg: Config, model_chunks: list) -> dict[str, str]:
+    """Each parameter's update rule (``{name: rule}``; all ``adamw`` for AdamW), set on the parameters."""
+    o = cfg.optimizer
+    if o.name == "adamw":
+        return {n: "adamw" for c in model_chunks for n, p in c.named_parameters() if p.requires_grad}
+    from moe_erc import symmetric
+
+    return symmetric.tag_parameters(
+        model_chunks, o.name, gated=cfg.model.swiglu, embedding_rule=o.symmetric_embedding_rule,
+        router_rule=o.symmetric_router_rule, mlp_rule=o.symmetric_mlp_rule,
+        router_shift_invariant=cfg.moe.moe_router_score_function != "sigmoid")
+
+
+def describe(cfg: Config, model_chunks: list, adam: str) -> str:
+    """The banner's optimizer field: ``torch AdamW``, or ``symmetric (spectral 9, row_norm 2, ...; vectors
+    torch AdamW)`` counting parameter tensors per update rule."""
+    if cfg.optimizer.name == "adamw":
+        return adam
+    from moe_erc import symmetric
+
+    rules = {n: getattr(p, "symmetry_rule", "adamw") for c in model_chunks for n, p in c.named_parameters()
+             if p.requires_grad}
+    return f"{cfg.optimizer.name} ({symmetric.summarize(rules)}; adamw = {adam})"
+
+
 def build_optimizer(cfg: Config, tf_config: TransformerConfig, model_chunks: list):
     """megatron optimizer over the DDP-wrapped chunks (torch AdamW when apex/TE are absent)."""
     o = cfg.optimizer
+    name = megatron_optimizer_name(cfg)
+    tag_parameters(cfg, model_chunks)
+    muon = {}
+    if name != "adam":
+        muon = dict(muon_momentum=o.muon_momentum, muon_nesterov=o.muon_nesterov,
+                    muon_num_ns_steps=o.muon_num_ns_steps, muon_coefficient_type=o.muon_coefficient_type,
+                    muon_scale_mode=o.muon_scale_mode, muon_extra_scale_factor=o.muon_extra_scale_factor,
+                    muon_tp_mode=o.muon_tp_mode, muon_fp32_matmul_prec=newton_schulz_precision(cfg),
+                    muon_split_qkv=True)
     opt_config = OptimizerConfig(
-        optimizer="adam",
+        optimizer=name,
+        **muon,
         lr=o.lr,
         min_lr=o.min_lr,
         weight_decay=o.weight_decay,
@@ -42,7 +101,12 @@ def build_optimizer(cfg: Config, tf_config: TransformerConfig, model_chunks: lis
         params_dtype=tf_config.params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    return get_megatron_optimizer(opt_config, model_chunks)
+    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    if name != "adam":
+        from moe_erc import symmetric
+
+        symmetric.propagate_tags(model_chunks)
+    return optimizer
 
 
 def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:

@@ -37,7 +37,7 @@ from moe_erc.metrics import MetricsWriter, Progress, clear_moe_layer_metrics, mo
 from moe_erc.kernels import detect as detect_kernels
 from moe_erc.model import (build_model, compile_layers, count_parameters, padded_vocab_size, resolve_precision,
                            transformer_config)
-from moe_erc.optim import build_optimizer, build_scheduler, wrap_ddp
+from moe_erc.optim import build_optimizer, build_scheduler, describe as describe_optimizer, wrap_ddp
 
 from megatron.core import parallel_state  # noqa: E402  (importable: moe_erc.compat ran first)
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
@@ -463,7 +463,7 @@ class Trainer:
                 f"PP{p.pipeline_model_parallel_size} x DP{self.dp} (EP{p.expert_model_parallel_size}) | "
                 f"{self.compute_device}, {self.precision} | vocab {self.tokenizer.vocab_size} "
                 f"(padded {self.vocab_size}) | run dir {self.run_dir}\n"
-                f"moe-erc: {self.kernels.summary()} | optimizer {self.kernels.optimizer()}"
+                f"moe-erc: {self.kernels.summary()} | optimizer {describe_optimizer(cfg, self.model, self.kernels.optimizer())}"
                 f"{self._compile_note()}")
 
     def _compile_note(self) -> str:

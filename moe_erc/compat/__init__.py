@@ -24,16 +24,39 @@ def _unavailable_kernel(*_args, **_kwargs):
     raise RuntimeError("MoE paged stash needs triton and a CUDA GPU (moe_paged_stash is GPU-only)")
 
 
+# emerging-optimizers (megatron's Muon backend, optional) declares Python >= 3.12 for two reasons only:
+# `typing.override` (a no-op decorator at run time) and an unconditional `import triton` in its GPU
+# SYRK kernels, which its Newton-Schulz uses only when asked to (`use_syrk`, and only with triton 3.4).
+_EO_SYRK = "emerging_optimizers.triton_kernels"
+
+
+def _unavailable_syrk(*_args, **_kwargs):
+    raise RuntimeError("emerging-optimizers' SYRK Newton-Schulz needs triton >= 3.4 and a CUDA GPU")
+
+
 def ensure_importable() -> None:
-    """Register the paged-stash stand-in if triton is missing. Idempotent, cheap."""
-    if _PAGED_STASH_OPS in sys.modules or importlib.util.find_spec("triton") is not None:
+    """Register the stand-ins megatron-core and emerging-optimizers need without triton / on Python 3.11.
+    Idempotent, cheap."""
+    import typing
+
+    if not hasattr(typing, "override"):  # Python 3.11: PEP 698's decorator does nothing at run time
+        typing.override = lambda fn: fn
+    if importlib.util.find_spec("triton") is not None:
         return
-    stub = types.ModuleType(_PAGED_STASH_OPS)
-    stub.__doc__ = "moe-erc stand-in: triton is not installed (CPU machine)."
-    stub.GLOBAL_BLOCK_SIZE = 1024
-    stub.paged_stash_copy_kernel = _unavailable_kernel
-    stub.paged_stash_pop_kernel = _unavailable_kernel
-    sys.modules[_PAGED_STASH_OPS] = stub
+    if _PAGED_STASH_OPS not in sys.modules:
+        stub = types.ModuleType(_PAGED_STASH_OPS)
+        stub.__doc__ = "moe-erc stand-in: triton is not installed (CPU machine)."
+        stub.GLOBAL_BLOCK_SIZE = 1024
+        stub.paged_stash_copy_kernel = _unavailable_kernel
+        stub.paged_stash_pop_kernel = _unavailable_kernel
+        sys.modules[_PAGED_STASH_OPS] = stub
+    if _EO_SYRK not in sys.modules:
+        stub = types.ModuleType(_EO_SYRK)
+        stub.__doc__ = "moe-erc stand-in: triton is not installed, so the SYRK Newton-Schulz is off."
+        stub.HAS_TRITON_340 = False
+        stub.tsyrk_ex = stub.tsyrk_ex_small_matrix = _unavailable_syrk
+        stub.__all__ = ["tsyrk_ex", "tsyrk_ex_small_matrix", "HAS_TRITON_340"]
+        sys.modules[_EO_SYRK] = stub
 
 
 def import_megatron():
