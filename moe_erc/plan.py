@@ -47,6 +47,31 @@ class ParameterCounts:
 
 def count_parameters_on_meta(cfg: Config, vocab_size: int) -> ParameterCounts:
     """Build the full model (one process, no parallelism) on the meta device and count by role."""
+    counts = dict.fromkeys(asdict(ParameterCounts(0, 0, 0, 0, 0, 0, 0)), 0)
+    for name, shape in parameter_shapes_on_meta(cfg, vocab_size):
+        counts[_role(name, len(shape))] += _numel(shape)
+    return ParameterCounts(**counts)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+_SHAPES: dict = {}
+
+
+def parameter_shapes_on_meta(cfg: Config, vocab_size: int) -> list[tuple[str, tuple]]:
+    """``(name, shape)`` of every parameter of the full model (one process, no parallelism), built on meta."""
+    key = (cfg.model_dump_json(), vocab_size)
+    if key not in _SHAPES:
+        _SHAPES[key] = _build_on_meta(cfg, vocab_size)
+    return _SHAPES[key]
+
+
+def _build_on_meta(cfg: Config, vocab_size: int) -> list[tuple[str, tuple]]:
     from moe_erc import model as model_lib, parallel
     from moe_erc.compat import prepare_runtime
 
@@ -66,15 +91,12 @@ def count_parameters_on_meta(cfg: Config, vocab_size: int) -> ParameterCounts:
         tf_config.perform_initialization = False
         with torch.device("meta"):
             net = model_lib.build_model(single, tf_config, vocab_size)
-        counts = dict.fromkeys(asdict(ParameterCounts(0, 0, 0, 0, 0, 0, 0)), 0)
-        for name, param in net.named_parameters():
-            counts[_role(name, param)] += param.numel()
-        return ParameterCounts(**counts)
+        return [(name, tuple(param.shape)) for name, param in net.named_parameters()]
     finally:
         parallel.destroy()
 
 
-def _role(name: str, param) -> str:
+def _role(name: str, ndim: int) -> str:
     if "word_embeddings" in name or "position_embeddings" in name:
         return "embedding"
     if name.startswith("output_layer"):
@@ -83,9 +105,9 @@ def _role(name: str, param) -> str:
         return "experts"
     if ".router." in name:
         return "router"
-    if "self_attention" in name and "layernorm" not in name and param.dim() > 1:
+    if "self_attention" in name and "layernorm" not in name and ndim > 1:
         return "attention"
-    if ".mlp." in name and param.dim() > 1:
+    if ".mlp." in name and ndim > 1:
         return "dense_mlp"
     return "other"
 
@@ -108,6 +130,7 @@ class Plan:
     tokens_per_step: int
     method_costs: dict              # per method at these shapes: FLOPs per GPU per step, activations
     flop_assumptions: list
+    optimizer: dict                 # optimizer_cost(): state, Newton-Schulz TFLOP and workspace per rank
 
 
 def make_plan(cfg: Config, world_size: int) -> Plan:
@@ -138,10 +161,13 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         "optimizer": per_rank * adam / GiB,
         "optimizer_distributed": (dense / dp + experts / edp) * adam / GiB,
     }
+    own = step_flops(cfg, world_size)
+    opt = optimizer_cost(cfg, parameter_shapes_on_meta(cfg, vocab), dense, experts, weight_bytes, own.model_per_gpu)
+    if cfg.optimizer.name != "adamw":
+        memory["optimizer"] = opt["state_gib"]
+        memory["optimizer_distributed"] = float("nan")  # replicated state only (see check_layout)
     memory["total"] = memory["weights"] + memory["gradients"] + memory["optimizer"]
     memory["total_distributed_optimizer"] = memory["weights"] + memory["gradients"] + memory["optimizer_distributed"]
-
-    own = step_flops(cfg, world_size)
     per_method = method_flops(cfg, world_size)
     erc = per_method["ERC"]  # what ERC costs, or would cost in a top-k twin of this config
     has_router = moe.router == "topk"
@@ -176,7 +202,66 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         method_costs=method_costs,
         flop_assumptions=erc.assumptions.lines() + [
             line for label in ("AoE", "K-Means") for line in per_method[label].assumptions.notes],
+        optimizer={k: (round(v, 6) if isinstance(v, float) else v) for k, v in opt.items()},
     )
+
+
+def optimizer_cost(cfg: Config, shapes: list[tuple[str, tuple]], dense: float, experts: float,
+                   weight_bytes: int, training_flops_per_gpu: float) -> dict:
+    """State memory, Newton-Schulz FLOPs and workspace of ``optimizer.name`` on the busiest rank.
+
+    ``dense`` / ``experts``: that rank's non-expert / expert parameter counts. AdamW keeps 2 fp32 moments per
+    parameter, Muon's rules 1 (momentum); both add an fp32 master copy with 16-bit weights. Newton-Schulz
+    runs on each matrix whole (``duplicated``: every TP rank orthogonalizes the gathered matrix), so its
+    FLOPs per rank are not divided by TP: a PP stage's share of the dense matrices, plus its local experts'.
+    """
+    o, p = cfg.optimizer, cfg.parallel
+    master = 4 if weight_bytes == 2 else 0
+    if o.name == "adamw":
+        return {"name": "adamw", "state_gib": (dense + experts) * (8 + master) / GiB, "adamw_state_gib":
+                (dense + experts) * (8 + master) / GiB, "ns_tflop_per_step": 0.0, "ns_share_of_step": 0.0,
+                "ns_matrices_per_rank": 0, "ns_workspace_mib": 0.0}
+    from moe_erc.symmetric import newton_schulz_flops, rule_for
+
+    pp, ep = p.pipeline_model_parallel_size, p.expert_model_parallel_size
+    m = cfg.model
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    kv = m.hidden_size // heads
+    muon_params = {"dense": 0, "experts": 0}
+    total = {"dense": 0, "experts": 0}
+    ns_flops, ns_count, largest = 0.0, 0.0, (0, 0)
+    for name, shape in shapes:
+        kind = "experts" if ".mlp.experts." in name else "dense"
+        total[kind] += _numel(shape)
+        rule = rule_for(name, torch.empty(shape, device="meta"), o.name, o.symmetric_embedding_rule,
+                        o.symmetric_router_rule, o.symmetric_mlp_rule, cfg.moe.moe_router_score_function != "sigmoid")
+        if rule == "adamw":
+            continue
+        muon_params[kind] += _numel(shape)
+        if rule in ("row_norm", "centered_row_norm"):
+            continue  # row-wise: no Newton-Schulz
+        blocks = [shape[-2:]] * (shape[0] if len(shape) == 3 else 1)
+        if "linear_qkv" in name:  # megatron's QKV split: Q, K and V orthogonalized separately
+            blocks = [(heads * kv, shape[1]), (groups * kv, shape[1]), (groups * kv, shape[1])]
+        share = 1.0 if "embeddings" in name or "output_layer" in name else 1.0 / pp
+        if kind == "experts":
+            share /= ep
+        for rows, cols in blocks:
+            ns_flops += share * newton_schulz_flops(rows, cols, o.muon_num_ns_steps)
+            ns_count += share
+            largest = max(largest, (rows, cols), key=lambda rc: rc[0] * rc[1])
+    frac = {k: muon_params[k] / total[k] if total[k] else 0.0 for k in total}
+    per_rank_muon = dense * frac["dense"] + experts * frac["experts"]
+    per_rank_adam = dense + experts - per_rank_muon
+    # Workspace of one Newton-Schulz call on the largest (gathered) matrix, fp32: X, X X^T, B and B X.
+    rows, cols = largest
+    return {"name": o.name,
+            "state_gib": (per_rank_muon * (4 + master) + per_rank_adam * (8 + master)) / GiB,
+            "adamw_state_gib": (dense + experts) * (8 + master) / GiB,
+            "ns_tflop_per_step": ns_flops / 1e12,
+            "ns_share_of_step": ns_flops / training_flops_per_gpu if training_flops_per_gpu else 0.0,
+            "ns_matrices_per_rank": round(ns_count),
+            "ns_workspace_mib": 4 * (2 * rows * cols + 2 * min(rows, cols) ** 2) / 2**20}
 
 
 def activation_bytes(cfg: Config) -> float:
@@ -212,6 +297,15 @@ def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.3f} %"
 
 
+def _optimizer_line(o: dict) -> str:
+    if o["name"] == "adamw":
+        return f"AdamW: {o['state_gib']:.2f} GiB of state per rank (fp32 moments + master weights)"
+    return (f"{o['name']}: state {o['state_gib']:.2f} GiB per rank (AdamW: {o['adamw_state_gib']:.2f}); "
+            f"Newton-Schulz on {o['ns_matrices_per_rank']} matrices, {o['ns_tflop_per_step']:.3f} TFLOP per rank "
+            f"per step = {100 * o['ns_share_of_step']:.2f} % of the step's model FLOPs; workspace "
+            f"{o['ns_workspace_mib']:.1f} MiB (largest gathered matrix, fp32)")
+
+
 def print_plan(plan: Plan) -> None:
     c = plan.params
     no_router = f"n/a ({plan.method} has no router matrix; see the ERC row below)"
@@ -225,10 +319,12 @@ def print_plan(plan: Plan) -> None:
                                            f"{c['router'] / 1e6:.2f} M"),
         ("  embedding / output layer", f"{c['embedding'] / 1e6:.0f} M / {c['output'] / 1e6:.0f} M"),
         ("parameters on the busiest rank", f"{plan.per_rank_params / 1e6:.0f} M"),
-        ("weights + grads + Adam per rank", f"{plan.memory_gib['weights']:.2f} + {plan.memory_gib['gradients']:.2f}"
-                                            f" + {plan.memory_gib['optimizer']:.2f} = {plan.memory_gib['total']:.2f} GiB"),
+        ("weights + grads + optimizer per rank", f"{plan.memory_gib['weights']:.2f} + "
+         f"{plan.memory_gib['gradients']:.2f} + {plan.memory_gib['optimizer']:.2f} = {plan.memory_gib['total']:.2f} GiB"),
         ("  with the distributed optimizer", f"Adam {plan.memory_gib['optimizer_distributed']:.2f} GiB, total "
-                                             f"{plan.memory_gib['total_distributed_optimizer']:.2f} GiB"),
+                                             f"{plan.memory_gib['total_distributed_optimizer']:.2f} GiB"
+         if plan.optimizer["name"] == "adamw" else "n/a (Muon optimizers keep replicated state)"),
+        ("optimizer", _optimizer_line(plan.optimizer)),
         ("activations per micro-batch (est.)", f"{plan.activation_gib_per_microbatch:.2f} GiB (bf16, flash attention, no recompute)"),
         ("training FLOPs per token", f"{plan.flops_per_token / 1e9:.2f} GFLOP"),
         ("tokens per step", f"{plan.tokens_per_step:,}"),

@@ -2,6 +2,7 @@
 
     moe-erc study                    # configs/study.yaml, 8 methods x 3 seeds (about 2 h on 2 CPU cores)
     moe-erc study --quick            # 1 seed, 60 steps: a smoke run (minutes)
+    moe-erc study --optimizers       # AdamW vs Muon vs symmetric, vanilla and ERC routing -> docs/optimizers
 
 Runs go to ``--runs`` (default ``runs/study/<method>-s<seed>``); a run whose final checkpoint exists is
 skipped, so an interrupted study resumes. Each finished run is analysed post hoc (``moe-erc analyze``: ERC
@@ -33,10 +34,18 @@ METHODS = {
     "kmeans": ("K-Means", ["moe.router=kmeans", "moe.moe_router_load_balancing_type=none"]),
     "auxfree": ("aux-loss-free", ["moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true",
                                   "moe.moe_router_load_balancing_type=none"]),
+    # --optimizers: the same routings trained with megatron's Muon and the symmetric stack (issue 14).
+    "muon": ("Muon, vanilla", ["optimizer.name=muon"]),
+    "muon-erc-1": ("Muon, ERC alpha=1", ["optimizer.name=muon", "erc.enabled=true", "erc.alpha=1.0"]),
+    "symmetric": ("symmetric, vanilla", ["optimizer.name=symmetric"]),
+    "symmetric-erc-1": ("symmetric, ERC alpha=1", ["optimizer.name=symmetric", "erc.enabled=true", "erc.alpha=1.0"]),
 }
+ROUTING_METHODS = ["vanilla", "erc-0.25", "erc-0.5", "erc-1", "erc-2", "aoe", "kmeans", "auxfree"]
+OPTIMIZER_METHODS = ["vanilla", "erc-1", "muon", "muon-erc-1", "symmetric", "symmetric-erc-1"]
 # One colour per method in every figure.
 COLORS = {"vanilla": "#444444", "erc-0.25": "#08306b", "erc-0.5": "#2171b5", "erc-1": "#6baed6",
-          "erc-2": "#c6dbef", "aoe": "#d94801", "kmeans": "#238b45", "auxfree": "#807dba"}
+          "erc-2": "#c6dbef", "aoe": "#d94801", "kmeans": "#238b45", "auxfree": "#807dba",
+          "muon": "#ce1256", "muon-erc-1": "#f1b6da", "symmetric": "#8c510a", "symmetric-erc-1": "#dfc27d"}
 ALPHAS = (0.5, 1.0, 2.0)
 SEEDS = (1234, 2345, 3456)
 QUICK = ["training.train_iters=60", "training.eval_interval=20", "training.eval_iters=4",
@@ -197,6 +206,53 @@ def claims(results: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
     return out
 
 
+def optimizer_rows(results: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: each (optimizer, routing) run set vs AdamW on the same routing, seed-paired."""
+    pairs = [("AdamW", "vanilla", "vanilla"), ("AdamW", "ERC alpha=1", "erc-1"), ("Muon", "vanilla", "muon"),
+             ("Muon", "ERC alpha=1", "muon-erc-1"), ("symmetric", "vanilla", "symmetric"),
+             ("symmetric", "ERC alpha=1", "symmetric-erc-1")]
+    rows = ["| optimizer | routing | validation loss | - AdamW, seed-paired | MaxVio (valid) | eps "
+            "| post-hoc ERC loss alpha=1 (max over layers) | tokens/s |", "|---|---|---|---|---|---|---|---|"]
+    for opt, routing, method in pairs:
+        runs = results.get(method)
+        if not runs:
+            continue
+        base = results.get("vanilla" if routing == "vanilla" else "erc-1")
+        delta = "—" if opt == "AdamW" or not base else \
+            _fmt(_mean_std(r["valid_loss"] - b["valid_loss"] for r, b in zip(runs, base)))
+        eps = _fmt(_mean_std(statistics.mean(r["eps"]) for r in runs), 3) if "eps" in runs[0] else "n/a"
+        post = _fmt(_mean_std(max(r["posthoc"][1.0]) for r in runs), 4) if "posthoc" in runs[0] else "n/a"
+        rows.append(f"| {opt} | {routing} | {_fmt(_mean_std(r['valid_loss'] for r in runs))} | {delta} | "
+                    f"{_fmt(_mean_std(r['maxvio_valid'] for r in runs), 3)} | {eps} | {post} | "
+                    f"{_mean_std(r['tokens_per_s'] for r in runs)[0]:,.0f} |")
+    return rows
+
+
+def optimizer_claims(results: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence): the optimizer paper's claim, and ERC under a row-mean-blind router update."""
+    out = []
+    for routing, base_name, name in (("vanilla", "vanilla", "symmetric"), ("ERC alpha=1", "erc-1", "symmetric-erc-1")):
+        base, runs = results.get(base_name), results.get(name)
+        if not (base and runs):
+            continue
+        mean, std = _mean_std(r["valid_loss"] - b["valid_loss"] for r, b in zip(runs, base))
+        n = min(len(base), len(runs))
+        verdict = "inconclusive" if n < 2 else (
+            "reproduced" if mean < 0 and -mean > 2 * std else ("not reproduced" if mean > 2 * std else "inconclusive"))
+        out.append((f"(e) the symmetric stack reaches a lower validation loss than AdamW ({routing} routing)", verdict,
+                    f"seed-paired symmetric - AdamW: {mean:+.4f} ± {std:.4f} over {n} seed(s) (test: mean < 0 by more "
+                    f"than 2 std = reproduced; > 2 std above 0 = not reproduced)"))
+    sym, adam = results.get("symmetric-erc-1"), results.get("erc-1")
+    if sym and adam and "posthoc" in sym[0] and "posthoc" in adam[0]:
+        s_max = _mean_std(max(r["posthoc"][1.0]) for r in sym)[0]
+        a_max = _mean_std(max(r["posthoc"][1.0]) for r in adam)[0]
+        out.append(("(f) ERC still meets its constraint when the router update ignores the row mean "
+                    "(centered row-norm)", "reproduced" if s_max < 1e-3 else "not reproduced",
+                    f"post-hoc ERC loss at alpha=1, max over layers: symmetric {s_max:.4f} vs AdamW {a_max:.4f} "
+                    f"(test: < 1e-3)"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -287,7 +343,7 @@ def write_report(results, config: str, extra: list[str], seeds: list[int], out: 
     cfg = load_config(config, extra)
     m, moe, t = cfg.model, cfg.moe, cfg.training
     lines = [
-        "# The small-scale study", "",
+        "# Optimizer comparison: AdamW, Muon, symmetric" if "symmetric" in results else "# The small-scale study", "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, Python {platform.python_version()}; "
         f"written {time.strftime('%Y-%m-%d %H:%M')}  ",
@@ -319,8 +375,11 @@ def write_report(results, config: str, extra: list[str], seeds: list[int], out: 
             cells = [f"{_mean_std(r['posthoc'][1.0][k] for r in runs)[0]:.4f} / "
                      f"{_mean_std(r['eps'][k] for r in runs)[0]:.3f}" for k in range(len(runs[0]['eps']))]
             lines.append(f"| {METHODS[method][0]} | " + " | ".join(cells) + " |")
+    if any(m in results for m in ("muon", "muon-erc-1", "symmetric", "symmetric-erc-1")):
+        lines += ["", "## Optimizers (docs/optimizers.md): AdamW vs Muon vs the symmetric stack", "",
+                  *optimizer_rows(results)]
     lines += ["", "## The paper's claims at this scale", ""]
-    for claim, verdict, evidence in claims(results):
+    for claim, verdict, evidence in claims(results) + optimizer_claims(results):
         lines.append(f"- **{claim}: {verdict}.** {evidence}")
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in names] + [""]
     path = out / "README.md"
@@ -335,16 +394,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moe-erc study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/study.yaml")
     parser.add_argument("--quick", action="store_true", help="one seed, 60 steps: a smoke run")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma list of: {', '.join(METHODS)}")
+    parser.add_argument("--methods", default=None,
+                        help=f"comma list of: {', '.join(METHODS)} (default: the routing methods)")
+    parser.add_argument("--optimizers", action="store_true",
+                        help="compare AdamW, Muon and the symmetric stack with vanilla and ERC routing "
+                             "(methods " + ",".join(OPTIMIZER_METHODS) + "; default --out docs/optimizers)")
     parser.add_argument("--seeds", default=None, help="comma list (default: 3 seeds; --quick: 1)")
     parser.add_argument("--runs", default="runs/study", help="where the runs go (resumable)")
-    parser.add_argument("--out", default="docs/study", help="where README.md and the figures go")
+    parser.add_argument("--out", default=None, help="where README.md and the figures go (default docs/study)")
     parser.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
                         help="config overrides for every run (e.g. a smaller model)")
     args = parser.parse_args(argv)
     from moe_erc.errors import ConfigError
 
-    methods = [m for m in args.methods.split(",") if m]
+    default = OPTIMIZER_METHODS if args.optimizers else ROUTING_METHODS
+    methods = [m for m in args.methods.split(",") if m] if args.methods else default
+    args.out = args.out or ("docs/optimizers" if args.optimizers else "docs/study")
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown study method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")

@@ -148,3 +148,28 @@ def test_transformer_engine_selects_the_te_spec_and_otherwise_our_grouped_expert
         parallel.destroy()
     assert seen == [True, False]
     assert experts[1] is GroupedExperts and experts[0] is not GroupedExperts
+
+
+def test_plan_counts_the_symmetric_optimizers_newton_schulz_and_state():
+    """erc-3b with EP=8: every rank orthogonalizes its 8 local experts' fc1 [2D, d] and fc2 [d, D] and all
+    non-expert matrices but the router and the embeddings (row-wise rules); Q, K and V separately."""
+    d, D, layers, n, ep = 1536, 768, 12, 64, 8
+
+    def ns(rows, cols, steps=5):
+        m, k = min(rows, cols), max(rows, cols)
+        return steps * (4 * m * m * k + 2 * m ** 3)
+
+    per_layer = (n // ep) * (ns(2 * D, d) + ns(d, D)) + 3 * ns(d, d) + ns(d, d)  # experts, Q/K/V, proj
+    plan = _plan_json("configs/erc-3b.yaml", "optimizer.name=symmetric", "parallel.use_distributed_optimizer=false",
+                      f"parallel.expert_model_parallel_size={ep}")
+    opt = plan["optimizer"]
+    assert opt["name"] == "symmetric"
+    assert opt["ns_matrices_per_rank"] == layers * ((n // ep) * 2 + 4)
+    assert opt["ns_tflop_per_step"] == pytest.approx(layers * per_layer / 1e12, rel=1e-5)
+    # Momentum only (4 B) for matrices vs AdamW's two moments (8 B), plus the fp32 master copy (4 B) each.
+    assert opt["adamw_state_gib"] == pytest.approx(plan["per_rank_params"] * 12 / GiB, rel=1e-3)
+    assert 8 / 12 * opt["adamw_state_gib"] < opt["state_gib"] < opt["adamw_state_gib"]
+    assert plan["memory_gib"]["optimizer"] == pytest.approx(opt["state_gib"], rel=1e-3)
+    adamw = _plan_json("configs/erc-3b.yaml", f"parallel.expert_model_parallel_size={ep}")
+    assert adamw["optimizer"]["ns_tflop_per_step"] == 0
+    assert adamw["optimizer"]["state_gib"] == pytest.approx(opt["adamw_state_gib"], rel=1e-9)
