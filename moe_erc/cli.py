@@ -93,7 +93,14 @@ def _study(argv: list[str]) -> int:
 
 
 # Subcommands with their own argument parsers (argv after the command name is passed through).
-_PASSTHROUGH = {"preprocess": _preprocess, "report": _report, "analyze": _analyze, "plan": _plan, "study": _study}
+def _export(argv: list[str]) -> int:
+    from moe_erc.export import main as export_main
+
+    return export_main(argv)
+
+
+_PASSTHROUGH = {"preprocess": _preprocess, "report": _report, "analyze": _analyze, "plan": _plan, "study": _study,
+                "export": _export}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("analyze", help="post-hoc ERC loss, eps, norms and M heat-maps of a checkpoint")
     sub.add_parser("plan", help="parameters, memory per rank, FLOPs and ERC share of a config (meta device)")
     sub.add_parser("study", help="every method x seeds on configs/study.yaml, then docs/study/ (claims, figures)")
+    sub.add_parser("export", help="a checkpoint as a Hugging Face transformers model directory (docs/export.md)")
     return parser
 
 

@@ -125,6 +125,8 @@ class Trainer:
         for prefix in self.prefixes:
             check_indexed_dataset(prefix)
         self.tokenizer = resolve_tokenizer(self.prefixes, cfg.tokenizer.path)
+        if self.topo.rank == 0:  # the run directory is self-contained: `moe-erc export` reads this copy
+            self.tokenizer.save(self.run_dir / "tokenizer.json")
         t = cfg.training
         self.dp = data_parallel_size(cfg, self.topo.world_size)
         self.num_microbatches = t.global_batch_size // (t.micro_batch_size * self.dp)

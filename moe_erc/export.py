@@ -1,0 +1,309 @@
+"""``moe-erc export CHECKPOINT --out DIR``: a Hugging Face transformers model directory from any checkpoint.
+
+The checkpoint is loaded into one process whatever layout it was saved in (dist_checkpointing merges the
+TP / EP / PP shards), its weights are renamed and split once (:func:`convert`, docs/export.md), and
+transformers writes ``config.json``, ``model.safetensors`` shards and ``generation_config.json`` in its
+hub format; the run's tokenizer is written beside them as a fast tokenizer. The architecture follows the
+run's routing, so the exported forward is the trained one:
+
+=======================================  ===================  ==========================================
+routing                                  architecture          how it is expressed
+=======================================  ===================  ==========================================
+top-K, softmax over the K (megatron's)   MixtralForCausalLM    softmax over all, top-K, renormalised
+                                                               (the same gates)
+the same with dense layers mixed in      Qwen2MoeForCausalLM   ``mlp_only_layers``, ``norm_topk_prob``
+softmax over all, top-K, no renorm       Qwen2MoeForCausalLM   ``norm_topk_prob=false``, no shared expert,
+(``moe_router_pre_softmax``)                                   no QKV bias
+sigmoid + expert bias (aux-loss-free)    Glm4MoeForCausalLM    ``e_score_correction_bias``, one group,
+                                                               ``first_k_dense_replace``, full rotary
+=======================================  ===================  ==========================================
+
+Anything else (AoE, K-Means, LayerNorm, biases, QK-norm, a capacity factor, ...) is refused in one line
+naming what no transformers class expresses. ERC adds no parameters: an ERC run exports like its router.
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+
+from moe_erc import checkpoint
+from moe_erc.config import Config
+from moe_erc.errors import CheckpointError, ConfigError, UserError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class ExportError(UserError):
+    """The checkpoint's model has no exact transformers equivalent (or cannot be read)."""
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+@contextlib.contextmanager
+def one_process_model(path: str):
+    """Yield ``(cfg, net, meta)``: the checkpoint's model built in this process (fp32, CPU) with its weights."""
+    from moe_erc import model as model_lib, parallel
+    from moe_erc.analyze import _one_process_config
+    from moe_erc.compat import prepare_runtime
+
+    step_dir = checkpoint.resolve(path)
+    meta = checkpoint.read_metadata(step_dir)
+    if "config" not in meta:
+        raise CheckpointError(f"{step_dir} has no saved config (written by an older moe-erc); cannot rebuild it")
+    cfg = _one_process_config(meta["config"])
+    parallel.initialize(cfg, prepare_runtime("cpu"))
+    try:
+        net = model_lib.build_model(cfg, model_lib.transformer_config(cfg), meta["padded_vocab_size"])
+        checkpoint.load(step_dir, [net])
+        net.eval()
+        yield cfg, net, {**meta, "step_dir": str(step_dir)}
+    finally:
+        parallel.destroy()
+
+
+def layer_kinds(cfg: Config) -> list[bool]:
+    """``True`` for each MoE layer (megatron's ``moe_layer_freq``: an int k = every k-th layer, or 0/1 list)."""
+    freq = cfg.model.moe_layer_freq
+    if isinstance(freq, list):
+        return [bool(f) for f in freq]
+    return [i % freq == 0 for i in range(cfg.model.num_layers)]
+
+
+# ----------------------------------------------------------------------------------------- architecture
+
+
+def architecture(cfg: Config) -> str:
+    """``mixtral``, ``qwen2_moe`` or ``glm4_moe`` for this run's routing; :class:`ExportError` otherwise."""
+    from moe_erc.config import router_pre_softmax
+
+    m, moe = cfg.model, cfg.moe
+    missing = []
+    if moe.router != "topk":
+        missing.append(f"moe.router={moe.router} (no transformers model routes like "
+                       f"{'Autonomy-of-Experts' if moe.router == 'aoe' else 'online K-Means'})")
+    if m.normalization != "RMSNorm":
+        missing.append(f"model.normalization={m.normalization} (the MoE classes use RMSNorm)")
+    if not m.swiglu:
+        missing.append("model.swiglu=false (the MoE classes use SwiGLU experts)")
+    if m.add_bias_linear:
+        missing.append("model.add_bias_linear=true (no linear biases in the MoE classes)")
+    if m.qk_layernorm:
+        missing.append("model.qk_layernorm=true (megatron's per-head QK norm)")
+    if m.position_embedding_type != "rope":
+        missing.append(f"model.position_embedding_type={m.position_embedding_type} (the MoE classes use RoPE)")
+    if moe.moe_expert_capacity_factor is not None:
+        missing.append("moe.moe_expert_capacity_factor (token dropping)")
+    kinds = layer_kinds(cfg)
+    sigmoid = moe.moe_router_score_function == "sigmoid"
+    if sigmoid and not moe.moe_router_enable_expert_bias:
+        missing.append("sigmoid routing without expert bias (Glm4Moe always adds its correction bias; enable "
+                       "moe.moe_router_enable_expert_bias)")
+    if sigmoid and kinds != sorted(kinds):
+        missing.append("dense layers after MoE layers with sigmoid routing (Glm4Moe: only the first k dense)")
+    if missing:
+        raise ExportError("cannot export to transformers: " + "; ".join(missing))
+    if sigmoid:
+        return "glm4_moe"
+    if router_pre_softmax(cfg) or not all(kinds):
+        return "qwen2_moe"
+    return "mixtral"
+
+
+def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
+    """The transformers config of ``arch`` with this run's shapes."""
+    import transformers
+
+    from moe_erc.config import router_pre_softmax
+
+    m, moe = cfg.model, cfg.moe
+    heads = m.num_attention_heads
+    common = dict(
+        vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=heads, num_key_value_heads=m.num_query_groups or heads, head_dim=m.hidden_size // heads,
+        hidden_act="silu", max_position_embeddings=m.max_position_embeddings or m.seq_length, rms_norm_eps=1e-5,
+        tie_word_embeddings=not m.untie_embeddings_and_output_weights, attention_dropout=0.0,
+        num_experts_per_tok=moe.moe_router_topk, bos_token_id=None, eos_token_id=eod, pad_token_id=eod,
+        dtype=DTYPES[dtype],
+    )
+    rope = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
+    expert_width = moe.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size
+    dense_width = m.ffn_hidden_size or 4 * m.hidden_size
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**common, intermediate_size=expert_width, num_local_experts=moe.num_experts,
+                                          router_jitter_noise=0.0, sliding_window=None, rope_parameters=rope)
+    kinds = layer_kinds(cfg)
+    if arch == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=moe.num_experts,
+            shared_expert_intermediate_size=0, norm_topk_prob=not router_pre_softmax(cfg), qkv_bias=False,
+            decoder_sparse_step=1, mlp_only_layers=[i for i, is_moe in enumerate(kinds) if not is_moe],
+            use_sliding_window=False, rope_parameters=rope)
+    return transformers.Glm4MoeConfig(
+        **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, n_routed_experts=moe.num_experts,
+        n_shared_experts=0, n_group=1, topk_group=1, norm_topk_prob=moe.moe_router_topk > 1,
+        routed_scaling_factor=1.0, first_k_dense_replace=kinds.index(True) if any(kinds) else m.num_layers,
+        use_qk_norm=False, attention_bias=False, rope_parameters={**rope, "partial_rotary_factor": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def _experts(state: dict, prefix: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, 2D, d]`` gate/up and ``[n, d, D]`` down of one layer, from any of megatron's expert modules."""
+    if f"{prefix}.weight1" in state:  # GroupedExperts: already stacked, [gate; up] per expert
+        return state[f"{prefix}.weight1"], state[f"{prefix}.weight2"]
+    if f"{prefix}.local_experts.0.linear_fc1.weight" in state:  # SequentialMLP
+        fc1 = [state[f"{prefix}.local_experts.{e}.linear_fc1.weight"] for e in range(n)]
+        fc2 = [state[f"{prefix}.local_experts.{e}.linear_fc2.weight"] for e in range(n)]
+    else:  # transformer-engine's grouped linears: weight0 .. weight{n-1}
+        fc1 = [state[f"{prefix}.linear_fc1.weight{e}"] for e in range(n)]
+        fc2 = [state[f"{prefix}.linear_fc2.weight{e}"] for e in range(n)]
+    return torch.stack(fc1), torch.stack(fc2)
+
+
+def _norm(state: dict, *names: str) -> torch.Tensor:
+    for name in names:  # the local spec's separate norm, or TE's norm fused into the next linear
+        if name in state:
+            return state[name]
+    raise ExportError(f"checkpoint has none of {', '.join(names)}")
+
+
+def convert(cfg: Config, state: dict, arch: str, vocab_size: int) -> dict[str, torch.Tensor]:
+    """megatron GPTModel state (one process) -> transformers state of ``arch`` (in-memory names)."""
+    m, moe = cfg.model, cfg.moe
+    heads, groups = m.num_attention_heads, m.num_query_groups or m.num_attention_heads
+    hd, d = m.hidden_size // heads, m.hidden_size
+    out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
+           "model.norm.weight": state["decoder.final_layernorm.weight"]}
+    if m.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = state["output_layer.weight"][:vocab_size]
+    for i, is_moe in enumerate(layer_kinds(cfg)):
+        src, dst = f"decoder.layers.{i}", f"model.layers.{i}"
+        # Fused QKV, grouped: per query group [q heads of the group; k; v], each head hd rows.
+        qkv = state[f"{src}.self_attention.linear_qkv.weight"].view(groups, heads // groups + 2, hd, d)
+        out[f"{dst}.self_attn.q_proj.weight"] = qkv[:, : heads // groups].reshape(heads * hd, d)
+        out[f"{dst}.self_attn.k_proj.weight"] = qkv[:, -2].reshape(groups * hd, d)
+        out[f"{dst}.self_attn.v_proj.weight"] = qkv[:, -1].reshape(groups * hd, d)
+        out[f"{dst}.self_attn.o_proj.weight"] = state[f"{src}.self_attention.linear_proj.weight"]
+        out[f"{dst}.input_layernorm.weight"] = _norm(state, f"{src}.input_layernorm.weight",
+                                                     f"{src}.self_attention.linear_qkv.layer_norm_weight")
+        out[f"{dst}.post_attention_layernorm.weight"] = _norm(state, f"{src}.pre_mlp_layernorm.weight",
+                                                              f"{src}.mlp.linear_fc1.layer_norm_weight")
+        if is_moe:
+            gate_up, down = _experts(state, f"{src}.mlp.experts", moe.num_experts)
+            out[f"{dst}.mlp.gate.weight"] = state[f"{src}.mlp.router.weight"]
+            out[f"{dst}.mlp.experts.gate_up_proj"] = gate_up  # [gate; up] rows: the same order
+            out[f"{dst}.mlp.experts.down_proj"] = down
+            if arch == "glm4_moe":
+                out[f"{dst}.mlp.gate.e_score_correction_bias"] = state[f"{src}.mlp.router.expert_bias"].float()
+            if arch in ("qwen2_moe", "glm4_moe"):  # their always-built shared expert, made zero-width
+                shared = "shared_expert" if arch == "qwen2_moe" else "shared_experts"
+                for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
+                    out[f"{dst}.mlp.{shared}.{proj}.weight"] = torch.zeros(shape)
+                if arch == "qwen2_moe":
+                    out[f"{dst}.mlp.shared_expert_gate.weight"] = torch.zeros(1, d)
+        else:
+            gate, up = state[f"{src}.mlp.linear_fc1.weight"].chunk(2, dim=0)
+            out[f"{dst}.mlp.gate_proj.weight"] = gate
+            out[f"{dst}.mlp.up_proj.weight"] = up
+            out[f"{dst}.mlp.down_proj.weight"] = state[f"{src}.mlp.linear_fc2.weight"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def run_tokenizer(cfg: Config, step_dir: Path, tokenizer: str | None = None):
+    """The tokenizer the run trained with: ``--tokenizer``, the copy in the run directory, or the one saved
+    beside its data (``tokenizer.path`` / data prefix, relative to the current directory)."""
+    from moe_erc.data.tokenizer import _load_tokenizer_file, load_tokenizer, resolve_tokenizer
+
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    for parent in step_dir.parents:
+        if (parent / "tokenizer.json").is_file() and (parent / "config.yaml").is_file():
+            return _load_tokenizer_file(parent / "tokenizer.json")
+    from moe_erc.trainer import EMBEDDED_DATA_DIR
+
+    raw = cfg.data.data_path
+    if raw in ("embedded", ["embedded"]):
+        raw = str(EMBEDDED_DATA_DIR / "shakespeare_text_document")
+    prefixes = [raw] if isinstance(raw, str) else [p for p in raw if isinstance(p, str)]
+    try:
+        return resolve_tokenizer(prefixes, cfg.tokenizer.path)
+    except UserError as exc:
+        raise ExportError(f"cannot find the run's tokenizer ({exc}); pass --tokenizer PATH") from None
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """The tokenizer as a transformers fast tokenizer; its end-of-document token is EOS and padding."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf_tokenizer, eos_token=tokenizer.eod_token,
+                                   pad_token=tokenizer.eod_token, clean_up_tokenization_spaces=False)
+    fast.save_pretrained(str(out))
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def export(path: str, out: str, dtype: str = "fp32", tokenizer: str | None = None,
+           max_shard_size: str = "5GB") -> dict:
+    """Write the transformers directory ``out``; returns a summary (architecture, parameters, files)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError("moe-erc export needs transformers: pip install -e '.[hf]' "
+                          "(scripts/setup_env.sh installs it)") from None
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from moe_erc.analyze import _one_process_config
+
+    out_dir = Path(out)
+    saved = checkpoint.read_metadata(checkpoint.resolve(path)).get("config")
+    if saved is not None:
+        architecture(_one_process_config(saved))  # refuse before loading anything
+    with one_process_model(path) as (cfg, net, meta):
+        arch = architecture(cfg)
+        tok = run_tokenizer(cfg, Path(meta["step_dir"]), tokenizer)
+        state = {k: v for k, v in net.state_dict().items() if "_extra_state" not in k}
+        weights = convert(cfg, state, arch, tok.vocab_size)
+    config = hf_config(cfg, arch, tok.vocab_size, tok.eod, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    expected = set(model.state_dict())
+    if set(weights) != expected:
+        raise ExportError(f"weight mapping mismatch for {arch}: missing {sorted(expected - set(weights))[:4]}, "
+                          f"unexpected {sorted(set(weights) - expected)[:4]}")
+    model.load_state_dict({k: v.to(DTYPES[dtype]) if v.is_floating_point() and "correction_bias" not in k else v
+                           for k, v in weights.items()}, strict=True, assign=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
+    GenerationConfig(eos_token_id=tok.eod, pad_token_id=tok.eod, bos_token_id=None).save_pretrained(str(out_dir))
+    save_tokenizer(tok, out_dir)
+    summary = {"architecture": type(model).__name__, "checkpoint": meta["step_dir"], "step": meta.get("step"),
+               "dtype": dtype, "vocab_size": tok.vocab_size, "parameters": sum(w.numel() for w in weights.values()),
+               "out": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir())}
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="moe-erc export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint directory (step_XXXXXXX or its parent)")
+    parser.add_argument("--out", required=True, help="the transformers model directory to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer to save (default: the run's)")
+    parser.add_argument("--max-shard-size", default="5GB")
+    args = parser.parse_args(argv)
+    summary = export(args.checkpoint, args.out, args.dtype, args.tokenizer, args.max_shard_size)
+    print(f"export: {summary['architecture']} ({summary['parameters'] / 1e6:.2f}M parameters, {summary['dtype']}) "
+          f"from step {summary['step']} -> {summary['out']}: {', '.join(summary['files'])}")
+    print(json.dumps(summary))
+    return 0
