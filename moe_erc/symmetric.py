@@ -233,8 +233,8 @@ if HAVE_EMERGING_OPTIMIZERS:
             if self.pg_collection is not None:
                 group = self.pg_collection.expt_tp if getattr(p, "expert_tp", False) else self.pg_collection.tp
             partition_dim = getattr(p, "partition_dim", None)
-            if partition_dim == -1 or not getattr(p, "tensor_model_parallel", False):
-                partition_dim = None
+            if partition_dim == -1 or not getattr(p, "tensor_model_parallel", False) or self.tp_mode == "blockwise":
+                partition_dim = None  # not sharded, or blockwise: each shard on its own (layout-dependent)
             return apply_rule(rule, grad, glu_halves=getattr(p, "glu_halves", False), group=group,
                               partition_dim=partition_dim, **self._ns).to(grad.dtype)
 
