@@ -48,7 +48,9 @@ def topk_run(tiny_corpus, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("name, overrides, nproc, arch", [
     ("topk", None, 1, "MixtralForCausalLM"),
-    ("pre-softmax", ["moe.moe_router_pre_softmax=true"], 1, "Qwen2MoeForCausalLM"),
+    # saved by PP=2 (one layer per stage; the embedding and the output layer on different ranks)
+    ("pre-softmax-pp2", ["moe.moe_router_pre_softmax=true", "parallel.pipeline_model_parallel_size=2"], 2,
+     "Qwen2MoeForCausalLM"),
     ("auxfree", ["moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true",
                  "moe.moe_router_load_balancing_type=none", "moe.moe_router_bias_update_rate=0.05"], 1,
      "Glm4MoeForCausalLM"),
