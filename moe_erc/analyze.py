@@ -9,6 +9,7 @@ paper's Table 3); writes a heat-map of ``M`` per layer as PNG.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 from pathlib import Path
 
@@ -49,33 +50,47 @@ def layer_report(router_weight: torch.Tensor, gate: list[torch.Tensor], alphas: 
         }
 
 
-def analyze(path: str, alphas: list[float]) -> dict:
-    """Load the checkpoint in this process and return ``{"step", "layers": {layer: report}}``."""
+@contextlib.contextmanager
+def one_process_model(path: str, check=None):
+    """Yield ``(cfg, net, meta)``: the checkpoint's model built in this process (fp32, CPU) with its weights,
+    whatever layout it was saved in. ``check(cfg)`` runs before anything is built (to refuse early)."""
     from moe_erc import model as model_lib, parallel
     from moe_erc.compat import prepare_runtime
-    from moe_erc.erc_layer import gate_weights
 
     step_dir = checkpoint.resolve(path)
     meta = checkpoint.read_metadata(step_dir)
     if "config" not in meta:
         raise CheckpointError(f"{step_dir} has no saved config (written by an older moe-erc); cannot rebuild it")
     cfg = _one_process_config(meta["config"])
-    if cfg.moe.router != "topk":
-        raise CheckpointError(f"{step_dir} uses moe.router={cfg.moe.router}, which has no router matrix to analyse")
-    device = prepare_runtime("cpu")
-    parallel.initialize(cfg, device)
+    if check is not None:
+        check(cfg)
+    parallel.initialize(cfg, prepare_runtime("cpu"))
     try:
         net = model_lib.build_model(cfg, model_lib.transformer_config(cfg), meta["padded_vocab_size"])
         checkpoint.load(step_dir, [net])
+        net.eval()
+        yield cfg, net, {**meta, "step_dir": str(step_dir)}
+    finally:
+        parallel.destroy()
+
+
+def _has_router_matrix(cfg: Config) -> None:
+    if cfg.moe.router != "topk":
+        raise CheckpointError(f"the checkpoint uses moe.router={cfg.moe.router}, which has no router matrix to analyse")
+
+
+def analyze(path: str, alphas: list[float]) -> dict:
+    """Load the checkpoint in this process and return ``{"step", "layers": {layer: report}}``."""
+    from moe_erc.erc_layer import gate_weights
+
+    with one_process_model(path, check=_has_router_matrix) as (_cfg, net, meta):
         layers = {}
         for module in net.modules():
             router, experts = getattr(module, "router", None), getattr(module, "experts", None)
             if router is not None and experts is not None and isinstance(getattr(router, "weight", None), torch.Tensor):
                 gate = gate_weights(experts, net.config.gated_linear_unit)
                 layers[router.layer_number] = layer_report(router.weight, gate, alphas)
-        return {"checkpoint": str(step_dir), "step": meta.get("step"), "layers": dict(sorted(layers.items()))}
-    finally:
-        parallel.destroy()
+        return {"checkpoint": meta["step_dir"], "step": meta.get("step"), "layers": dict(sorted(layers.items()))}
 
 
 def print_table(result: dict, alphas: list[float]) -> None:

@@ -26,15 +26,13 @@ Nothing here touches the network.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 from pathlib import Path
 
 import torch
 
-from moe_erc import checkpoint
 from moe_erc.config import Config
-from moe_erc.errors import CheckpointError, ConfigError, UserError
+from moe_erc.errors import ConfigError, UserError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -44,28 +42,6 @@ class ExportError(UserError):
 
 
 # ---------------------------------------------------------------------------------------------- loading
-
-
-@contextlib.contextmanager
-def one_process_model(path: str):
-    """Yield ``(cfg, net, meta)``: the checkpoint's model built in this process (fp32, CPU) with its weights."""
-    from moe_erc import model as model_lib, parallel
-    from moe_erc.analyze import _one_process_config
-    from moe_erc.compat import prepare_runtime
-
-    step_dir = checkpoint.resolve(path)
-    meta = checkpoint.read_metadata(step_dir)
-    if "config" not in meta:
-        raise CheckpointError(f"{step_dir} has no saved config (written by an older moe-erc); cannot rebuild it")
-    cfg = _one_process_config(meta["config"])
-    parallel.initialize(cfg, prepare_runtime("cpu"))
-    try:
-        net = model_lib.build_model(cfg, model_lib.transformer_config(cfg), meta["padded_vocab_size"])
-        checkpoint.load(step_dir, [net])
-        net.eval()
-        yield cfg, net, {**meta, "step_dir": str(step_dir)}
-    finally:
-        parallel.destroy()
 
 
 def layer_kinds(cfg: Config) -> list[bool]:
@@ -264,13 +240,10 @@ def export(path: str, out: str, dtype: str = "fp32", tokenizer: str | None = Non
                           "(scripts/setup_env.sh installs it)") from None
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    from moe_erc.analyze import _one_process_config
+    from moe_erc.analyze import one_process_model
 
     out_dir = Path(out)
-    saved = checkpoint.read_metadata(checkpoint.resolve(path)).get("config")
-    if saved is not None:
-        architecture(_one_process_config(saved))  # refuse before loading anything
-    with one_process_model(path) as (cfg, net, meta):
+    with one_process_model(path, check=architecture) as (cfg, net, meta):  # refused before loading
         arch = architecture(cfg)
         tok = run_tokenizer(cfg, Path(meta["step_dir"]), tokenizer)
         state = {k: v for k, v in net.state_dict().items() if "_extra_state" not in k}

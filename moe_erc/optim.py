@@ -50,10 +50,8 @@ def newton_schulz_precision(cfg: Config) -> str:
 
 
 def tag_parameters(cfg: Config, model_chunks: list) -> dict[str, str]:
-    """Each parameter's update rule (``{name: rule}``; all ``adamw`` for AdamW), set on the parameters."""
+    """Set each parameter's Muon / symmetric update rule on it; returns ``{name: rule}``."""
     o = cfg.optimizer
-    if o.name == "adamw":
-        return {n: "adamw" for c in model_chunks for n, p in c.named_parameters() if p.requires_grad}
     from moe_erc import symmetric
 
     return symmetric.tag_parameters(
@@ -78,9 +76,9 @@ def build_optimizer(cfg: Config, tf_config: TransformerConfig, model_chunks: lis
     """megatron optimizer over the DDP-wrapped chunks (torch AdamW when apex/TE are absent)."""
     o = cfg.optimizer
     name = megatron_optimizer_name(cfg)
-    tag_parameters(cfg, model_chunks)
     muon = {}
     if name != "adam":
+        tag_parameters(cfg, model_chunks)
         muon = dict(muon_momentum=o.muon_momentum, muon_nesterov=o.muon_nesterov,
                     muon_num_ns_steps=o.muon_num_ns_steps, muon_coefficient_type=o.muon_coefficient_type,
                     muon_scale_mode=o.muon_scale_mode, muon_extra_scale_factor=o.muon_extra_scale_factor,

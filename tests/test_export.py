@@ -18,7 +18,7 @@ TOKENS = torch.tensor([[5, 17, 3, 99, 250, 7, 42, 11, 300, 2, 64, 128],
 
 def moe_erc_logits(checkpoint: Path) -> torch.Tensor:
     """The reference: moe-erc's own forward of the checkpoint (one process, fp32), vocabulary padding cut."""
-    from moe_erc.export import one_process_model
+    from moe_erc.analyze import one_process_model
 
     with one_process_model(str(checkpoint)) as (cfg, net, meta), torch.no_grad():
         positions = torch.arange(TOKENS.shape[1]).expand_as(TOKENS)
