@@ -225,6 +225,12 @@ def optimizer_rows(results: dict[str, list[dict]]) -> list[str]:
         rows.append(f"| {opt} | {routing} | {_fmt(_mean_std(r['valid_loss'] for r in runs))} | {delta} | "
                     f"{_fmt(_mean_std(r['maxvio_valid'] for r in runs), 3)} | {eps} | {post} | "
                     f"{_mean_std(r['tokens_per_s'] for r in runs)[0]:,.0f} |")
+    # What the per-class rules add over Muon-for-every-matrix (a measurement, not one of the paper's claims).
+    for routing, muon, sym in (("vanilla", "muon", "symmetric"), ("ERC alpha=1", "muon-erc-1", "symmetric-erc-1")):
+        if results.get(muon) and results.get(sym):
+            pairs = list(zip(results[sym], results[muon]))
+            rows += ["", f"Seed-paired symmetric − Muon ({routing} routing): "
+                         f"{_fmt(_mean_std(s['valid_loss'] - m['valid_loss'] for s, m in pairs))} over {len(pairs)} seed(s)."]
     return rows
 
 
