@@ -328,7 +328,7 @@ def figures(results: dict[str, list[dict]], out: Path) -> list[str]:
     ax.set(ylabel="training MFLOP per token (analytic)", title="Cost per token (moe_erc/flops.py)")
     save(fig, "flops_per_token.png")
 
-    for method in ("vanilla", "erc-1"):
+    for method in ("vanilla", "erc-1", "symmetric-erc-1"):  # the last: ERC under the centred router rule
         if method in results and "M" in results[method][0]:
             matrices = results[method][0]["M"]
             fig, axes = plt.subplots(1, len(matrices), figsize=(3 * len(matrices), 3))
