@@ -150,6 +150,11 @@ def _mean_std(values) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def _paired(runs: list[dict], base: list[dict]) -> tuple[float, float]:
+    """Mean ± std over seeds of ``runs`` minus ``base`` validation loss, seed by seed."""
+    return _mean_std(r["valid_loss"] - b["valid_loss"] for r, b in zip(runs, base))
+
+
 def _fmt(pair, digits=4) -> str:
     mean, std = pair
     return "n/a" if math.isnan(mean) else f"{mean:.{digits}f} ± {std:.{digits}f}"
@@ -219,7 +224,7 @@ def optimizer_rows(results: dict[str, list[dict]]) -> list[str]:
             continue
         base = results.get("vanilla" if routing == "vanilla" else "erc-1")
         delta = "—" if opt == "AdamW" or not base else \
-            _fmt(_mean_std(r["valid_loss"] - b["valid_loss"] for r, b in zip(runs, base)))
+            _fmt(_paired(runs, base))
         eps = _fmt(_mean_std(statistics.mean(r["eps"]) for r in runs), 3) if "eps" in runs[0] else "n/a"
         post = _fmt(_mean_std(max(r["posthoc"][1.0]) for r in runs), 4) if "posthoc" in runs[0] else "n/a"
         rows.append(f"| {opt} | {routing} | {_fmt(_mean_std(r['valid_loss'] for r in runs))} | {delta} | "
@@ -228,9 +233,9 @@ def optimizer_rows(results: dict[str, list[dict]]) -> list[str]:
     # What the per-class rules add over Muon-for-every-matrix (a measurement, not one of the paper's claims).
     for routing, muon, sym in (("vanilla", "muon", "symmetric"), ("ERC alpha=1", "muon-erc-1", "symmetric-erc-1")):
         if results.get(muon) and results.get(sym):
-            pairs = list(zip(results[sym], results[muon]))
+            n = min(len(results[sym]), len(results[muon]))
             rows += ["", f"Seed-paired symmetric − Muon ({routing} routing): "
-                         f"{_fmt(_mean_std(s['valid_loss'] - m['valid_loss'] for s, m in pairs))} over {len(pairs)} seed(s)."]
+                         f"{_fmt(_paired(results[sym], results[muon]))} over {n} seed(s)."]
     return rows
 
 
@@ -241,7 +246,7 @@ def optimizer_claims(results: dict[str, list[dict]]) -> list[tuple[str, str, str
         base, runs = results.get(base_name), results.get(name)
         if not (base and runs):
             continue
-        mean, std = _mean_std(r["valid_loss"] - b["valid_loss"] for r, b in zip(runs, base))
+        mean, std = _paired(runs, base)
         n = min(len(base), len(runs))
         verdict = "inconclusive" if n < 2 else (
             "reproduced" if mean < 0 and -mean > 2 * std else ("not reproduced" if mean > 2 * std else "inconclusive"))
