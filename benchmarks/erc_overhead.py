@@ -82,7 +82,7 @@ class TwoModels:
         self.step_index = 0
 
     def step(self, which: str, micro_batch: int) -> float:
-        from moe_erc.erc_layer import set_training_step
+        from moe_erc.layers.erc_layer import set_training_step
 
         ddp, opt = self.runs[which]
         seq = self.cfg.model.seq_length

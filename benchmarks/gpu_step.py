@@ -83,7 +83,7 @@ class Model:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         from moe_erc import model as model_lib
-        from moe_erc.kernels import detect
+        from moe_erc.layers.kernels import detect
         from moe_erc.optim import build_optimizer, wrap_ddp
 
         precision = model_lib.resolve_precision(cfg, device)
@@ -101,7 +101,7 @@ class Model:
         self.routers = [m.router for m in net.modules() if hasattr(getattr(m, "router", None), "erc_config")]
 
     def step(self, micro_batch: int, micro_batches: int, erc: bool = True) -> None:
-        from moe_erc.erc_layer import set_training_step
+        from moe_erc.layers.erc_layer import set_training_step
 
         seq, device = self.cfg.model.seq_length, self.device
         tokens = torch.randint(0, self.vocab, (micro_batches, micro_batch, seq), device=device)
@@ -196,7 +196,7 @@ def bench_erc_kernel(shapes, device: str, dtype, timer: Timer, repeats: int) -> 
 
 
 def bench_experts(model: Model, tokens: int, timer: Timer, repeats: int) -> list[list]:
-    from moe_erc.experts import GroupedExperts
+    from moe_erc.layers.experts import GroupedExperts
 
     cfg, device = model.cfg, model.device
     layer = next(m for m in model.ddp.module.modules() if hasattr(m, "experts") and hasattr(m, "router"))

@@ -81,7 +81,7 @@ def _has_router_matrix(cfg: Config) -> None:
 
 def analyze(path: str, alphas: list[float]) -> dict:
     """Load the checkpoint in this process and return ``{"step", "layers": {layer: report}}``."""
-    from moe_erc.erc_layer import gate_weights
+    from moe_erc.layers.erc_layer import gate_weights
 
     with one_process_model(path, check=_has_router_matrix) as (_cfg, net, meta):
         layers = {}

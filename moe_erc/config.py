@@ -133,7 +133,7 @@ class TrainingConfig(_Group):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Optional fused kernels (masked softmax, RoPE, bias-activation, ...) are used where what they need
-    # imports (moe_erc/kernels.py; the banner lists them); false = the unfused PyTorch paths everywhere.
+    # imports (moe_erc/layers/kernels.py; the banner lists them); false = the unfused PyTorch paths everywhere.
     fused_kernels: bool = True
     # torch.compile each transformer layer (torchtitan-style, graph breaks allowed around MoE dispatch).
     # Off by default; a no-op where TORCH_COMPILE_DISABLE=1 (the CLI sets it on CPU-only machines).

@@ -10,7 +10,7 @@ expert i's router embedding), expert j's gate projection ``Wg_j`` is ``[D, d]`` 
 
 ``M`` needs ``2 n^2 d D`` FLOPs. A naive einsum keeps the ``[n, n, D]`` gate activations alive for
 backward (128 MiB at n=256, D=512); :func:`gate_squared_norms` keeps only ``[n, m]`` and recomputes the
-activations chunk by chunk in backward. Distributed evaluation lives in :mod:`moe_erc.erc_layer`.
+activations chunk by chunk in backward. Distributed evaluation lives in :mod:`moe_erc.layers.erc_layer`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ Per MoE layer and token (forward), by ``moe.router``:
   width ``D'`` continuing from the low-rank activation: ``K * 2 * D' * (r + 2 d)``; where the cache cannot be
   reused (EP > 1, TP > 1 or a capacity factor: tokens arrive from other ranks or are dropped) the selected
   experts recompute ``x @ Wdown_e``,
-  ``K * 2 d r``. ``r = moe.aoe_rank`` (default d/3), ``D' = moe_erc.routers.aoe.aoe_width(cfg)``.
+  ``K * 2 d r``. ``r = moe.aoe_rank`` (default d/3), ``D' = moe_erc.layers.routers.aoe.aoe_width(cfg)``.
 
 The ERC loss runs once per step and MoE layer. Each GPU computes the ``[n, n/ep]`` block of ``M`` on its
 ``D/etp`` shard: one GEMM of ``2 n (n/ep) d (D/etp)`` FLOPs; forward, its recomputation in backward and the
@@ -72,7 +72,7 @@ def padded_vocab_size(cfg: Config, vocab_size: int | None = None) -> int:
 
 
 def aoe_shape(cfg: Config) -> tuple[int, int]:
-    from moe_erc.routers.aoe import aoe_rank, aoe_width  # imports megatron: only when AoE is counted
+    from moe_erc.layers.routers.aoe import aoe_rank, aoe_width  # imports megatron: only when AoE is counted
 
     return aoe_rank(cfg), aoe_width(cfg)
 

@@ -149,7 +149,7 @@ def _local_gate_squares(experts, hidden: torch.Tensor, gated: bool) -> Optional[
     share of its gate rows (summed over expert-TP by the caller); None for unknown expert layouts."""
     if hasattr(experts, "gate_activation_norms"):  # AoE: (x Wdown_j) Wup_j, never split over expert-TP
         return experts.gate_activation_norms(hidden).double() ** 2
-    from moe_erc.erc_layer import gate_weights
+    from moe_erc.layers.erc_layer import gate_weights
 
     try:
         weights = gate_weights(experts, gated)

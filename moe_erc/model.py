@@ -13,9 +13,11 @@ import torch.nn.functional as F
 from moe_erc.compat import import_megatron, runtime_device
 from moe_erc.config import Config, router_pre_softmax
 from moe_erc.errors import ConfigError
-from moe_erc import routers
-from moe_erc.kernels import Kernels, detect as detect_kernels
-from moe_erc.spec import decoder_block_spec
+from moe_erc.layers import routers
+from moe_erc.layers.dispatch import use_device_counts
+from moe_erc.layers.sync_free import install as install_sync_free
+from moe_erc.layers.kernels import Kernels, detect as detect_kernels
+from moe_erc.layers.spec import decoder_block_spec
 
 import_megatron()
 from megatron.core import parallel_state  # noqa: E402
@@ -41,7 +43,7 @@ def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
 def transformer_config(cfg: Config, precision: str = "fp32", kernels: Kernels | None = None) -> TransformerConfig:
     """Translate our config into megatron-core's ``TransformerConfig``.
 
-    ``kernels`` says which optional fused kernels to switch on (:func:`moe_erc.kernels.detect`); by default
+    ``kernels`` says which optional fused kernels to switch on (:func:`moe_erc.layers.kernels.detect`); by default
     those that run on this machine's CUDA device, none on CPU.
     """
     m, p = cfg.model, cfg.parallel
@@ -91,7 +93,7 @@ def _megatron_transformer_config(cfg: Config, precision: str, tp: int, kernels: 
         moe_router_enable_expert_bias=moe.moe_router_enable_expert_bias,
         moe_router_bias_update_rate=moe.moe_router_bias_update_rate,
         moe_token_dispatcher_type=moe.moe_token_dispatcher_type,
-        # TE's grouped GEMM; without TE, moe_erc.spec puts GroupedExperts in the spec instead.
+        # TE's grouped GEMM; without TE, moe_erc.layers.spec puts GroupedExperts in the spec instead.
         moe_grouped_gemm=moe.moe_grouped_gemm and kernels.transformer_engine,
         moe_expert_capacity_factor=moe.moe_expert_capacity_factor,
         moe_router_dtype=moe.moe_router_dtype,
@@ -101,7 +103,7 @@ def _megatron_transformer_config(cfg: Config, precision: str, tp: int, kernels: 
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         pipeline_dtype=_DTYPES[precision],
-        # Optional fused kernels: on only where what they need imports (moe_erc/kernels.py).
+        # Optional fused kernels: on only where what they need imports (moe_erc/layers/kernels.py).
         masked_softmax_fusion=kernels.masked_softmax,
         bias_activation_fusion=kernels.bias_activation,
         bias_dropout_fusion=kernels.bias_dropout,
@@ -133,6 +135,8 @@ def build_model(cfg: Config, tf_config: TransformerConfig, vocab_size: int) -> G
         rotary_base=cfg.model.rotary_base,
     )
     routers.wire(model)
+    use_device_counts(model)  # token counts stay on the device for experts that take them
+    install_sync_free()  # megatron's grad norm / clip / cross-entropy without host reads (no TE/apex)
     # Expert parameters always live in megatron's expert groups, as they do at EP > 1: the optimizer is then
     # the same chained dense + expert one in every layout, so checkpoints with optimizer state reshard
     # across EP sizes. At EP = 1 the expert-DP group is the DP group, so gradients are unchanged.

@@ -22,19 +22,20 @@ from typing import Iterator, Optional
 import torch
 import torch.distributed as dist
 
-from moe_erc import checkpoint, parallel, routers
+from moe_erc import checkpoint, parallel
+from moe_erc.layers import routers
 from moe_erc.compat import prepare_runtime
 from moe_erc.config import Config, data_parallel_size
 from moe_erc.data.corpus import prepare_embedded_corpus
 from moe_erc.data.datasets import (build_dataloader, build_gpt_datasets, check_indexed_dataset, move_batch,
                                    parse_data_path)
 from moe_erc.data.tokenizer import resolve_tokenizer
-from moe_erc.erc_layer import erc_layer_stats, router_matrix_stats, set_training_step
+from moe_erc.layers.erc_layer import erc_layer_stats, router_matrix_stats, set_training_step
 from moe_erc.errors import DataError, UserError
 from moe_erc.finite import all_finite, gradient_buffers, tensor_finite
 from moe_erc.instruments import RoutingMonitor, layer_summaries
 from moe_erc.metrics import MetricsWriter, Progress, clear_moe_layer_metrics, moe_layer_metrics
-from moe_erc.kernels import detect as detect_kernels
+from moe_erc.layers.kernels import detect as detect_kernels
 from moe_erc.model import (build_model, compile_layers, count_parameters, padded_vocab_size, resolve_precision,
                            transformer_config)
 from moe_erc.optim import build_optimizer, build_scheduler, describe as describe_optimizer, wrap_ddp
@@ -278,7 +279,7 @@ class Trainer:
         self.scheduler.step(increment=1)
         return {
             "lm_loss": lm_loss,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "grad_norm": grad_norm if grad_norm is not None else float("nan"),  # on the device: read when logged
             "lr": lr,
             "skipped": 0 if updated else 1,
         }
@@ -286,8 +287,9 @@ class Trainer:
     def _read_step(self, losses: list[dict]) -> tuple[float, bool, bool]:
         """(mean LM loss, loss and gradients finite on every rank, a stop signal on some rank).
 
-        moe-erc's one host synchronisation per step: the three values are reduced on the device and read
-        in one transfer, where megatron's optimizer reads its gradient norm anyway. The finite check is a
+        The step's one host synchronisation (``benchmarks/step_budget.py`` counts it): the three values are
+        reduced on the device and read in one transfer. The gradient norm stays on the device (moe_erc.layers.
+        sync_free) and is read only on logging steps. The finite check is a
         min/max reduction per gradient buffer (:mod:`moe_erc.finite`): no memory proportional to the model.
         """
         device = parallel.comm_device()
@@ -417,6 +419,7 @@ class Trainer:
 
     def _log_train(self, scalars: dict, progress: Progress) -> None:
         """Everything a log step reports: LM, load-balancing/z losses, routing load, ERC (collective)."""
+        scalars["grad_norm"] = float(scalars["grad_norm"])  # the gradient norm's one host read
         for name, per_layer in moe_layer_metrics(1.0 / self.num_microbatches).items():
             scalars[name] = sum(per_layer) / max(len([v for v in per_layer if v]), 1)
         scalars.update(layer_summaries(self.monitor.train_stats(end_of_window=True)))

@@ -16,7 +16,7 @@ def experts_as_ep_rank(cfg, ep_rank: int, seed: int = 1234) -> dict[str, torch.T
     from megatron.core import tensor_parallel
 
     from moe_erc import model as model_lib
-    from moe_erc.routers.aoe import aoe_classes, expert_param_device
+    from moe_erc.layers.routers.aoe import aoe_classes, expert_param_device
 
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed, ep_rank=ep_rank)

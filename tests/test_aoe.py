@@ -9,10 +9,11 @@ from launch import losses, train
 @pytest.fixture(scope="module")
 def aoe_layer():
     """One AoE MoE layer built by megatron from our spec, in this process (world size 1)."""
-    from moe_erc import model as model_lib, parallel, routers
+    from moe_erc import model as model_lib, parallel
+    from moe_erc.layers import routers
     from moe_erc.compat import prepare_runtime
     from moe_erc.config import load_config
-    from moe_erc.routers.aoe import AoEExperts, AoERouter
+    from moe_erc.layers.routers.aoe import AoEExperts, AoERouter
 
     device = prepare_runtime("cpu")
     cfg = load_config(None, ["moe.router=aoe", "model.hidden_size=24", "model.num_attention_heads=2",

@@ -10,7 +10,7 @@ from launch import losses, train
 def attention_pair():
     """(SDPAttention, megatron's DotProductAttention) built by the model from one config: 4 heads, 2 groups."""
     from moe_erc import model as model_lib, parallel
-    from moe_erc.attention import SDPAttention
+    from moe_erc.layers.attention import SDPAttention
     from moe_erc.compat import prepare_runtime
     from moe_erc.config import load_config
 

@@ -45,7 +45,7 @@ def test_expert_bias_update_moves_a_skewed_load_toward_balance(env, router_type)
     from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
     from megatron.core.transformer.moe.router import TopKRouter
 
-    from moe_erc.routers.kmeans import KMeansRouter
+    from moe_erc.layers.routers.kmeans import KMeansRouter
 
     rate = 0.02
     config = _config(env, "model.hidden_size=16", "model.num_attention_heads=2", "model.num_layers=1",

@@ -25,7 +25,7 @@ def test_loss_and_gradients_match_one_process(layout_results, layout):
 
 
 def test_gate_weights_of_sequential_and_unknown_expert_layouts():
-    from moe_erc.erc_layer import gate_weights
+    from moe_erc.layers.erc_layer import gate_weights
 
     class Linear(torch.nn.Module):
         def __init__(self, out, inp):

@@ -13,7 +13,7 @@ def two_layers():
     from moe_erc import model as model_lib, parallel
     from moe_erc.compat import prepare_runtime
     from moe_erc.config import load_config
-    from moe_erc.experts import GroupedExperts
+    from moe_erc.layers.experts import GroupedExperts
 
     overrides = ["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
                  "moe.num_experts=4", "moe.moe_ffn_hidden_size=24", "model.seq_length=8"]
@@ -58,7 +58,7 @@ def test_outputs_and_gradients_match_the_per_expert_loop(two_layers, counts):
 
 
 def test_the_gate_view_is_what_erc_reads_without_a_copy(two_layers):
-    from moe_erc.erc_layer import gate_weights
+    from moe_erc.layers.erc_layer import gate_weights
 
     sequential, grouped = two_layers
     stacked = gate_weights(grouped, gated=True)

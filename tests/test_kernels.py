@@ -1,4 +1,4 @@
-"""Optional fused kernels are switched on only where what they need imports (moe_erc/kernels.py).
+"""Optional fused kernels are switched on only where what they need imports (moe_erc/layers/kernels.py).
 
 A CPU machine cannot load the kernels, but it can check the decisions: a GPU is simulated by making
 ``torch.cuda.is_available`` true and answering the import probes from a list.
@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 import torch
 
-from moe_erc import kernels
+from moe_erc.layers import kernels
 from moe_erc.config import load_config
 
 ALL_OFF = kernels.Kernels()

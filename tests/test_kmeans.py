@@ -39,7 +39,7 @@ def _tiny_model(env, *overrides, vocab_size=128):
 def _router(env, *overrides, hidden=8, experts=4, topk=2):
     """A KMeansRouter built alone from a megatron TransformerConfig (d=8, n=4, top-2 unless overridden)."""
     from moe_erc.config import load_config
-    from moe_erc.routers.kmeans import KMeansRouter
+    from moe_erc.layers.routers.kmeans import KMeansRouter
 
     _, model_lib = env
     cfg = load_config(None, [f"model.hidden_size={hidden}", "model.num_attention_heads=2", "model.num_layers=1",
@@ -57,7 +57,7 @@ def test_router_has_no_parameters_and_checkpoints_its_centroids_as_replicated_te
     from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
     from moe_erc.config import load_config
-    from moe_erc.routers.kmeans import KMeansRouter, initial_centroids, kmeans_router_class
+    from moe_erc.layers.routers.kmeans import KMeansRouter, initial_centroids, kmeans_router_class
 
     model = _tiny_model(env)
     routers = _routers(model)
@@ -93,7 +93,7 @@ def test_the_model_builds_routers_with_the_configured_momentum_and_seed(env):
 
 
 def _initial(seed, layer):
-    from moe_erc.routers.kmeans import initial_centroids
+    from moe_erc.layers.routers.kmeans import initial_centroids
 
     return initial_centroids(4, 64, seed, layer)
 
@@ -243,7 +243,7 @@ def test_kmeans_trains_and_moves_its_centroids(env, kmeans_run, tiny_corpus):
     from moe_erc import checkpoint
     from moe_erc.data.tokenizer import resolve_tokenizer
     from moe_erc.model import padded_vocab_size
-    from moe_erc.routers.kmeans import initial_centroids
+    from moe_erc.layers.routers.kmeans import initial_centroids
 
     cfg, _ = env
     vocab = padded_vocab_size(resolve_tokenizer([tiny_corpus], None).vocab_size, cfg)
@@ -320,7 +320,7 @@ def test_a_centroid_idle_for_the_window_is_reseeded_from_a_token(env):
 
 
 def test_a_skipped_step_leaves_no_trace_and_non_finite_means_are_never_folded(env):
-    from moe_erc.routers.kmeans import ema_update
+    from moe_erc.layers.routers.kmeans import ema_update
 
     router = _router(env)
     router.seeded_from_data.fill_(1.0)

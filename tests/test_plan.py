@@ -119,10 +119,11 @@ def test_plan_refuses_impossible_layouts_in_one_line(args, message):
 
 def test_transformer_engine_selects_the_te_spec_and_otherwise_our_grouped_experts(monkeypatch):
     """With TE: megatron's TE spec (its grouped GEMM experts). Without: the local spec with
-    moe_erc.experts.GroupedExperts swapped in, and megatron's own grouped-GEMM switch left off."""
-    from moe_erc import model as model_lib, spec
+    moe_erc.layers.experts.GroupedExperts swapped in, and megatron's own grouped-GEMM switch left off."""
+    from moe_erc import model as model_lib
+    from moe_erc.layers import spec
     from moe_erc.config import load_config
-    from moe_erc.experts import GroupedExperts
+    from moe_erc.layers.experts import GroupedExperts
 
     seen = []
 

@@ -33,7 +33,7 @@ compared with every centroid by cosine similarity ``s_i = <x/|x|, c_i>`` and goe
   rank and in every layout: ``n`` positions (seeded by seed, layer and step) of the step's first sequence,
   which the rank holding it contributes to an all-reduce over the token-holding ranks.
 * **Non-finite steps**: a step the trainer skips (``nan_policy=skip``) discards the statistics it gathered
-  (:func:`moe_erc.routers.end_of_step`), and an expert whose mean is not finite keeps its centroid.
+  (:func:`moe_erc.layers.routers.end_of_step`), and an expert whose mean is not finite keeps its centroid.
 * **Checkpoints**: ``centroids`` (and ``expert_bias``) are persistent buffers; megatron's default
   ``sharded_state_dict`` saves them as replicated tensors and loading restores them in any layout.
 
@@ -212,15 +212,16 @@ class KMeansRouter(TopKRouter):
         s_local, batch = shape[0], shape[1]
         tp = parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
         tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0
-        from moe_erc.erc_layer import current_training_step
+        from moe_erc.layers.erc_layer import current_training_step
 
-        generator = torch.Generator().manual_seed(
+        # Drawn on the device (a generator there, seeded alike on every rank): no host tensor to copy over.
+        generator = torch.Generator(device=x.device).manual_seed(
             centroid_seed(self.base_seed, self.layer_number or 0) + 104_729 * current_training_step())
-        positions = torch.randint(0, s_local * tp, (n,), generator=generator)
+        positions = torch.randint(0, s_local * tp, (n,), generator=generator, device=x.device)
         local = positions - tp_rank * s_local
         mine = (local >= 0) & (local < s_local)
-        rows = (local.clamp(0, s_local - 1) * batch).to(x.device)  # token (pos, batch row 0) in [S*B, d]
-        sample.copy_(torch.where(mine.to(x.device).unsqueeze(-1), x[rows].float(), sample))
+        rows = local.clamp(0, s_local - 1) * batch  # token (pos, batch row 0) in [S*B, d]
+        sample.copy_(torch.where(mine.unsqueeze(-1), x[rows].float(), sample))
         return sample
 
     def discard_step(self) -> None:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from moe_erc.compat import import_megatron
-from moe_erc.experts import expert_param_device, grouped_mm
+from moe_erc.layers.experts import expert_param_device, grouped_mm
 from moe_erc.config import Config
 
 import_megatron()
@@ -41,18 +41,26 @@ from megatron.core.transformer.module import MegatronModule  # noqa: E402
 from megatron.core.transformer.moe.router import TopKRouter  # noqa: E402
 
 
+ALIGN = 8  # default widths are multiples of 8: 16-byte rows in bf16/fp16 (32 in fp32), as the grouped GEMM needs
+
+
+def _aligned_round(x: float) -> int:
+    return max(ALIGN, ALIGN * round(x / ALIGN))
+
+
 def aoe_rank(cfg: Config) -> int:
-    return cfg.moe.aoe_rank or max(1, cfg.model.hidden_size // 3)
+    """``r``: ``moe.aoe_rank``, or ``d / 3`` rounded to a multiple of 8."""
+    return cfg.moe.aoe_rank or min(cfg.model.hidden_size, _aligned_round(cfg.model.hidden_size / 3))
 
 
 def aoe_width(cfg: Config) -> int:
     """``D'`` so that an AoE expert (``d r + r D' + 2 d D'``) has the parameters of a router row plus a
-    SwiGLU expert (``d + 3 d D``) of the router MoE."""
+    SwiGLU expert (``d + 3 d D``) of the router MoE, rounded to a multiple of 8 (unless set)."""
     if cfg.moe.aoe_ffn_hidden_size:
         return cfg.moe.aoe_ffn_hidden_size
     d, r = cfg.model.hidden_size, aoe_rank(cfg)
     D = cfg.moe.moe_ffn_hidden_size or cfg.model.ffn_hidden_size or 4 * d
-    return max(1, round((d + 3 * d * D - d * r) / (r + 2 * d)))
+    return _aligned_round((d + 3 * d * D - d * r) / (r + 2 * d))
 
 
 class AoERouter(TopKRouter):
@@ -97,6 +105,7 @@ class AoEExperts(MegatronModule):
 
     rank: int = 1
     width: int = 1
+    takes_device_counts = True  # token counts may stay on the device (moe_erc.layers.dispatch)
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None, **_):
         super().__init__(config=config)

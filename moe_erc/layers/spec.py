@@ -6,20 +6,20 @@ classes in it, never subclassing the model:
 | part | transformer-engine present | otherwise (plain CUDA torch, CPU) |
 |---|---|---|
 | linears, norms | megatron's TE spec | megatron's local spec |
-| core attention (``model.attention_backend=auto``) | TE's fused attention | :class:`moe_erc.attention.SDPAttention` |
-| experts, ``moe.moe_grouped_gemm=true`` | TE grouped GEMM (``TEGroupedMLP``) | :class:`moe_erc.experts.GroupedExperts` |
+| core attention (``model.attention_backend=auto``) | TE's fused attention | :class:`moe_erc.layers.attention.SDPAttention` |
+| experts, ``moe.moe_grouped_gemm=true`` | TE grouped GEMM (``TEGroupedMLP``) | :class:`moe_erc.layers.experts.GroupedExperts` |
 | experts, ``moe.moe_grouped_gemm=false`` | ``SequentialMLP`` | ``SequentialMLP`` |
-| router (and AoE's experts) | :mod:`moe_erc.routers` | :mod:`moe_erc.routers` |
+| router (and AoE's experts) | :mod:`moe_erc.layers.routers` | :mod:`moe_erc.layers.routers` |
 """
 
 from __future__ import annotations
 
 import functools
 
-from moe_erc import routers
+from moe_erc.layers import routers
 from moe_erc.compat import import_megatron
 from moe_erc.config import Config
-from moe_erc.kernels import have_transformer_engine
+from moe_erc.layers.kernels import have_transformer_engine
 
 import_megatron()
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec  # noqa: E402
@@ -31,14 +31,14 @@ def decoder_block_spec(cfg: Config, tf_config):
     block_spec = get_gpt_decoder_block_spec(tf_config, use_transformer_engine=use_te)
     router, experts = routers.router_and_experts(cfg)
     if experts is None and cfg.moe.moe_grouped_gemm and not use_te:
-        from moe_erc.experts import GroupedExperts
+        from moe_erc.layers.experts import GroupedExperts
 
         experts = GroupedExperts
     if router is not None or experts is not None:
         _use_moe_classes(block_spec, router, experts)
     backend = cfg.model.attention_backend
     if backend == "sdpa" or (backend == "auto" and not use_te):
-        from moe_erc.attention import SDPAttention
+        from moe_erc.layers.attention import SDPAttention
 
         for spec in block_spec.layer_specs:
             spec.submodules.self_attention.submodules.core_attention = SDPAttention

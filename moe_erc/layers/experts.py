@@ -22,6 +22,8 @@ absent, through the layer spec):
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from moe_erc.compat import import_megatron, runtime_device
@@ -51,6 +53,20 @@ def _aligned(t: torch.Tensor) -> bool:
     return t.data_ptr() % 16 == 0 and all((st * size) % 16 == 0 for st in t.stride() if st != 1)
 
 
+_WARNED: set = set()
+
+
+def _warn_unaligned(tokens: torch.Tensor, weights: torch.Tensor) -> None:
+    """Once per shape: the per-expert loop reads the offsets on the host (a GPU stall per call) and launches
+    two GEMMs per expert."""
+    key = (tuple(weights.shape), tokens.dtype)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"grouped GEMM: expert weights {tuple(weights.shape)} in {tokens.dtype} are not 16-byte "
+                      f"aligned (make every width a multiple of 8), so each expert runs its own GEMM and the "
+                      f"token offsets are read on the host", stacklevel=3)
+
+
 def grouped_mm(tokens: torch.Tensor, weights: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """``[T, k]`` expert-sorted tokens, ``[m, n, k]`` weights (Linear layout), ``[m]`` int32 cumulative token
     counts -> ``[T, n]``: rows of expert e times ``weights[e]^T``. One kernel, no host sync on the bf16 path.
@@ -62,6 +78,7 @@ def grouped_mm(tokens: torch.Tensor, weights: torch.Tensor, offsets: torch.Tenso
     out_row_bytes = weights.shape[1] * tokens.element_size()  # backward multiplies [T, n] gradients too
     if _aligned(tokens) and _aligned(mat_b) and out_row_bytes % 16 == 0:
         return torch._grouped_mm(tokens, mat_b, offs=offsets)
+    _warn_unaligned(tokens, weights)
     bounds = [0, *offsets.tolist()]
     out = tokens.new_empty(tokens.shape[0], weights.shape[1])
     for e in range(weights.shape[0]):
@@ -71,6 +88,8 @@ def grouped_mm(tokens: torch.Tensor, weights: torch.Tensor, offsets: torch.Tenso
 
 class GroupedExperts(MegatronModule):
     """The local experts of one MoE layer as two stacked weights; see the module docstring."""
+
+    takes_device_counts = True  # token counts may stay on the device (moe_erc.layers.dispatch)
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None, **_):
         super().__init__(config=config)

@@ -5,7 +5,7 @@ matrix materialised (and its fused softmax needs apex's kernels); at sequence 40
 memory. :class:`SDPAttention` keeps megatron's ``DotProductAttention`` interface and configuration (heads
 per TP rank, softmax scale, dropout under the RNG tracker) and hands the work to SDPA, which picks a
 flash or memory-efficient kernel on GPU and a fused CPU kernel otherwise. It is swapped into the local
-spec by :mod:`moe_erc.spec` whenever transformer-engine is absent.
+spec by :mod:`moe_erc.layers.spec` whenever transformer-engine is absent.
 
 Shapes: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> context ``[sq, b, np * hn]``.
 """

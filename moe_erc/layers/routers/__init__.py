@@ -7,8 +7,8 @@ model is built, and runs the per-step router updates that happen outside autogra
 | ``moe.router`` | router | experts |
 |---|---|---|
 | ``topk`` | megatron's ``TopKRouter`` (``ERCRouter`` with ``erc.enabled``) | megatron's |
-| ``kmeans`` | :class:`moe_erc.routers.kmeans.KMeansRouter` (parameter-free) | megatron's |
-| ``aoe`` | :class:`moe_erc.routers.aoe.AoERouter` (scores from expert gates) | :class:`AoEExperts` |
+| ``kmeans`` | :class:`moe_erc.layers.routers.kmeans.KMeansRouter` (parameter-free) | megatron's |
+| ``aoe`` | :class:`moe_erc.layers.routers.aoe.AoERouter` (scores from expert gates) | :class:`AoEExperts` |
 """
 
 from __future__ import annotations
@@ -21,15 +21,15 @@ from moe_erc.config import Config
 def router_and_experts(cfg: Config):
     """(router class or None to keep megatron's, experts class or None to keep megatron's)."""
     if cfg.moe.router == "kmeans":
-        from moe_erc.routers.kmeans import kmeans_router_class
+        from moe_erc.layers.routers.kmeans import kmeans_router_class
 
         return kmeans_router_class(cfg), None
     if cfg.moe.router == "aoe":
-        from moe_erc.routers.aoe import aoe_classes
+        from moe_erc.layers.routers.aoe import aoe_classes
 
         return aoe_classes(cfg)
     if cfg.erc.enabled:
-        from moe_erc.erc_layer import router_class
+        from moe_erc.layers.erc_layer import router_class
 
         return router_class(cfg.erc, cfg.training.seed), None
     return None, None

@@ -72,7 +72,7 @@ def gate_weights(experts: torch.nn.Module, gated: bool):
     view per local expert.
 
     SwiGLU experts keep ``[gate; up]`` stacked in ``linear_fc1`` (gate first), non-gated experts use all
-    of ``linear_fc1``. Supports :class:`moe_erc.experts.GroupedExperts`, megatron's ``SequentialMLP`` and
+    of ``linear_fc1``. Supports :class:`moe_erc.layers.experts.GroupedExperts`, megatron's ``SequentialMLP`` and
     TE ``GroupedLinear`` (``weight0..``).
     """
     if hasattr(experts, "gate_weight"):  # GroupedExperts: one strided view, no copy
@@ -211,16 +211,20 @@ class ERCRouter(TopKRouter):
             **gradient_scales(self.config.sequence_parallel))
         return M, eps
 
+    def erc_loss_and_stats(self, step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(``L_ERC`` of this layer at ``step``, its statistics as 0-dim device tensors: no host read)."""
+        M, eps = self.erc_matrix(step)
+        loss = erc.erc_loss_from_matrix(M, self.erc_config.alpha)
+        return loss, {"erc_loss": loss.detach(), "erc_margin": erc.diagonal_margin(M),
+                      "eps_mean": eps.mean(), "eps_min": eps.min(), "eps_max": eps.max()}
+
     def forward(self, input: torch.Tensor, padding_mask: Optional[torch.Tensor] = None):
         probs, routing_map = super().forward(input, padding_mask=padding_mask)
         step = current_training_step()
         if self.training and torch.is_grad_enabled() and self._experts_ref and self._erc_step != step:
             self._erc_step = step
             with torch.autograd.profiler.record_function("moe_erc.erc_loss"):  # a named span in profiles
-                M, eps = self.erc_matrix(step)
-                loss = erc.erc_loss_from_matrix(M, self.erc_config.alpha)
-            self.erc_stats = {"erc_loss": loss.detach(), "erc_margin": erc.diagonal_margin(M),
-                              "eps_mean": eps.mean(), "eps_min": eps.min(), "eps_max": eps.max()}
+                loss, self.erc_stats = self.erc_loss_and_stats(step)
             coeff = self.erc_config.coeff
             grad_scale_func = self.config.grad_scale_func  # fp16 loss scaling, as for the main loss
 
