@@ -13,6 +13,11 @@ Rows (all measured side by side in this process; medians of repeats after warm-u
              its two backward GEMMs), at the 3B (n=64, D=768) and 15B (n=256, D=512) shapes
 4. experts   GroupedExperts (torch._grouped_mm) vs megatron's per-expert SequentialMLP, forward+backward
              of one layer's experts at ``--expert-tokens`` tokens
+
+GPU time is short (the test machine: 15 minutes a session, start-up included; ``scripts/test.sh --gpu`` and
+this script must fit in 8), so the run keeps to ``--time-budget`` (default 240 s on a GPU): rows 3 and 4 run
+first (seconds), then two warm-up steps time one step and rows 1 and 2 get as many repeats as fit (at most
+``--repeats``, 3 for the 3B preset); a row that cannot run once is printed as skipped, with the step time.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ PRESETS = {
                           "model.seq_length=4096", "moe.num_experts=64", "moe.moe_router_topk=8",
                           "moe.moe_ffn_hidden_size=768", "model.ffn_hidden_size=6144"],
                vocab=50304, micro_batch=2, micro_batches=8, erc_micro_batches=12, expert_tokens=16384,
-               kernel_shapes=[(64, 1536, 768), (256, 1536, 512)], repeats=5),
+               kernel_shapes=[(64, 1536, 768), (256, 1536, 512)], repeats=3),
     # Small enough for 2 CPU cores in seconds: exercises every row.
     "cpu": dict(overrides=["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4",
                            "model.seq_length=64", "moe.num_experts=8", "moe.moe_router_topk=2",
@@ -131,16 +136,41 @@ class Model:
                 router._experts_ref = ref
 
 
-def bench_steps(model: Model, preset: dict, timer: Timer, repeats: int, vocab: int) -> list[list]:
+class Deadline:
+    """The wall-clock budget of the whole benchmark (GPU time is short: it must end when it says it will)."""
+
+    def __init__(self, seconds: float):
+        self.seconds, self.end = seconds, time.monotonic() + seconds
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def fits(self, cost: float, wanted: int) -> int:
+        """How many repeats of something costing ``cost`` s fit in what is left (at most ``wanted``)."""
+        return max(0, min(wanted, int(self.left() // max(cost, 1e-9))))
+
+
+def bench_steps(model: Model, preset: dict, timer: Timer, repeats: int, deadline: Deadline) -> list[list]:
+    """Rows 1 and 2. Repeats shrink to what the deadline leaves after two warm-up steps (the second one's
+    time is the estimate); a row that cannot fit once says so instead of running past the budget."""
     from moe_erc.flops import step_flops
 
     mbs, nmb, ercmb = preset["micro_batch"], preset["micro_batches"], preset["erc_micro_batches"]
     seq = model.cfg.model.seq_length
-    for _ in range(2):  # warm-up (kernels selected, allocator grown, compilation)
-        model.step(mbs, nmb)
+    warm = [timer(lambda: model.step(mbs, nmb)) for _ in range(2)]  # kernels selected, allocator grown, compiled
+    estimate = warm[-1]
+    # ERC on/off pairs cost (1 + 1) * ercmb / nmb steps each; split what is left between the two rows.
+    pair_cost = 2 * estimate * ercmb / nmb
+    n_steps = deadline.fits(estimate, repeats) if deadline.left() > estimate + pair_cost else \
+        deadline.fits(estimate, 1)
+    print(f"# step {estimate:.2f} s (warm-up {warm[0]:.1f} s); {deadline.left():.0f} s left of "
+          f"{deadline.seconds:.0f}: {n_steps} timed steps, then ERC on/off pairs of {pair_cost:.1f} s", flush=True)
+    if n_steps == 0:
+        return [["tokens/s", "skipped", f"one step takes {estimate:.1f} s, {deadline.left():.0f} s left "
+                                        f"(--time-budget, --layers, --micro-batches)"]]
     if model.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    times = [timer(lambda: model.step(mbs, nmb)) for _ in range(repeats)]
+    times = [timer(lambda: model.step(mbs, nmb)) for _ in range(n_steps)]
     step_time = statistics.median(times)
     tokens = mbs * nmb * seq
     flops_cfg = model.cfg.model_copy(update={"training": model.cfg.training.model_copy(
@@ -148,18 +178,24 @@ def bench_steps(model: Model, preset: dict, timer: Timer, repeats: int, vocab: i
     flops = step_flops(flops_cfg, 1, model.vocab).model_per_gpu
     name, peak = gpu_peak()
     memory = torch.cuda.max_memory_allocated() / 2**30 if model.device == "cuda" else float("nan")
-    rows = [["tokens/s", f"{tokens / step_time:,.0f}", f"{tokens} tokens/step, step {step_time * 1e3:.0f} ms"],
+    rows = [["tokens/s", f"{tokens / step_time:,.0f}",
+                                     f"{tokens} tokens/step, step {step_time * 1e3:.0f} ms (median of {n_steps})"],
             ["MFU", f"{100 * flops / step_time / peak:.1f} %" if peak else "n/a",
              f"{flops / step_time / 1e12:.1f} TFLOP/s model FLOPs on {name}"],
             ["peak memory", f"{memory:.1f} GiB" if memory == memory else "n/a", model.precision]]
+    pairs = deadline.fits(pair_cost, repeats)
+    if pairs == 0:
+        rows.append(["ERC on/off step time", "skipped", f"a pair of {mbs * ercmb * seq}-token steps takes "
+                                                        f"~{pair_cost:.0f} s, {deadline.left():.0f} s left"])
+        return rows
     on, off = [], []
-    for _ in range(repeats):  # interleaved: the machine's drift hits both alike
+    for _ in range(pairs):  # interleaved: the machine's drift hits both alike
         off.append(timer(lambda: model.step(mbs, ercmb, erc=False)))
         on.append(timer(lambda: model.step(mbs, ercmb, erc=True)))
     ratio = statistics.median(on) / statistics.median(off)
     rows.append(["ERC on/off step time", f"{ratio:.4f}",
                  f"{mbs * ercmb * seq} tokens/step: {statistics.median(on) * 1e3:.0f} vs "
-                 f"{statistics.median(off) * 1e3:.0f} ms"])
+                 f"{statistics.median(off) * 1e3:.0f} ms, {pairs} interleaved pairs"])
     return rows
 
 
@@ -244,6 +280,9 @@ def main(argv=None) -> int:
     parser.add_argument("--expert-tokens", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--only", default="step,kernel,experts", help="comma list of: step, kernel, experts")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds for the whole run (default: 240 on a GPU, unlimited on CPU); repeats "
+                             "shrink to fit and a row that cannot fit once is reported as skipped")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     args = parser.parse_args(argv)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -262,6 +301,7 @@ def main(argv=None) -> int:
     from moe_erc.compat import prepare_runtime
     from moe_erc.config import load_config
 
+    deadline = Deadline(args.time_budget or (240.0 if device == "cuda" else float("inf")))
     cfg = load_config(None, overrides)
     parallel.initialize(cfg, prepare_runtime(device))
     only = set(args.only.split(","))
@@ -271,13 +311,15 @@ def main(argv=None) -> int:
         model = Model(cfg, device, preset["vocab"]) if only & {"step", "experts"} else None
         if model is not None:
             print(f"# {model.kernels.summary()} | optimizer {model.kernels.optimizer()}", flush=True)
-        if "step" in only:
-            rows += bench_steps(model, preset, timer, repeats, preset["vocab"])
+            print(f"# model built: {deadline.left():.0f} s of {deadline.seconds:.0f} left", flush=True)
+        # The short rows first; the step rows take what is left of the budget.
         if "kernel" in only:
             dtype = torch.bfloat16 if device == "cuda" else torch.float32
             rows += bench_erc_kernel(preset["kernel_shapes"], device, dtype, timer, repeats)
         if "experts" in only:
             rows += bench_experts(model, preset["expert_tokens"], timer, repeats)
+        if "step" in only:
+            rows += bench_steps(model, preset, timer, repeats, deadline)
     finally:
         parallel.destroy()
     name, _ = gpu_peak()

@@ -434,14 +434,19 @@ def _count_stream_syncs(tracker: _Tracker):
 
 
 def _host_copies(tracker: _Tracker):
-    """megatron's dispatcher copies its split sizes to the host (``maybe_move_tensor_to_cpu``, then one event
-    synchronize); on CPU the copies return the same tensors, so mark what they return as host-resident."""
+    """megatron's dispatcher copies its split sizes to the host asynchronously (``maybe_move_tensor_to_cpu`` on a
+    side stream), then waits once (an event synchronize: the sync point). On CPU the compat layer's stand-in
+    converts them in place (``numpy()``): not reads of their own; what they return is host-resident."""
     from megatron.core.transformer.moe import token_dispatcher
 
     original = token_dispatcher.maybe_move_tensor_to_cpu
 
     def moved(*args, **kwargs):
-        out = original(*args, **kwargs)
+        tracker.suspend_reads += 1
+        try:
+            out = original(*args, **kwargs)
+        finally:
+            tracker.suspend_reads -= 1
         if isinstance(out, torch.Tensor):
             tracker.mark_host(out)
         return out
@@ -450,6 +455,17 @@ def _host_copies(tracker: _Tracker):
     def restore():
         token_dispatcher.maybe_move_tensor_to_cpu = original
     return restore
+
+
+def count_calls(fn, *args, host=(), **kwargs) -> StepCount:
+    """Count ``fn(*args, **kwargs)`` (phase ``rest``, no parts): for checking the counter on small code.
+    ``host``: tensors that live on the host."""
+    count = StepCount()
+    tracker = _Tracker(count)
+    tracker.mark_host(list(host))
+    with _Functions(tracker), _Dispatch(tracker):
+        fn(*args, **kwargs)
+    return count
 
 
 def count_trainer_step(trainer, label: str = "") -> StepCount:
@@ -461,6 +477,11 @@ def count_trainer_step(trainer, label: str = "") -> StepCount:
     count = StepCount(moe_layers=max(moe_layers, 1), micro_batches=trainer.num_microbatches, label=label)
     tracker = _Tracker(count)
     tracker.mark_host(_optimizer_steps(trainer.optimizer))
+    for chunk in trainer.model:  # megatron's chunk-sorting indices live on the host without permute fusion
+        for module in chunk.modules():
+            dispatcher = getattr(module, "token_dispatcher", None)
+            if str(getattr(dispatcher, "permute_idx_device", "")) == "cpu":
+                tracker.mark_host([dispatcher.sort_input_by_local_experts, dispatcher.restore_output_by_local_experts])
     parts = _Parts(tracker, trainer.model, trainer.monitor)
     forward_step, step_fn = trainer._forward_step, trainer.optimizer.step
 
@@ -535,13 +556,13 @@ def count_step(cfg, warmup: int = 2, label: str = "") -> StepCount:
         parallel.destroy()
 
 
-def budget_overrides(run_dir: str, data_path: Optional[str] = None) -> list[str]:
+def budget_overrides(run_dir: str, data_path: Optional[str] = None, device: str = "cpu") -> list[str]:
     """3B shapes scaled down (issue 20): 4 layers, d=256, 64 experts top-8, expert width 128, seq 256, bf16,
     2 micro-batches, grouped experts, a step that neither logs, evaluates nor saves."""
     out = ["model.num_layers=4", "model.hidden_size=256", "model.num_attention_heads=4", "model.seq_length=256",
            "model.ffn_hidden_size=512", "moe.num_experts=64", "moe.moe_router_topk=8",
            "moe.moe_ffn_hidden_size=128", "moe.moe_grouped_gemm=true", "training.precision=bf16",
-           "training.device=cpu", "training.micro_batch_size=1", "training.global_batch_size=2",
+           f"training.device={device}", "training.micro_batch_size=1", "training.global_batch_size=2",
            "training.train_iters=100", "training.eval_iters=0", "training.eval_interval=1000",
            "training.resume=none", "logging.log_interval=1000", "logging.tensorboard=false",
            "logging.progress=false", "checkpoint.save_interval=1000", f"logging.run_dir={run_dir}"]

@@ -43,6 +43,7 @@ from moe_erc.optim import build_optimizer, build_scheduler, describe as describe
 from megatron.core import parallel_state  # noqa: E402  (importable: moe_erc.compat ran first)
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
 from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E402
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
 
 EMBEDDED_DATA_DIR = Path("data") / "embedded"
 
@@ -159,6 +160,9 @@ class Trainer:
         if self.tf_config.fp16:
             self.tf_config.grad_scale_func = self.optimizer.scale_loss
         self.forward_backward = get_forward_backward_func()
+        # megatron keeps the MoE aux-loss scale in a class attribute and copies into it: a model built earlier
+        # in this process (tests, benchmarks) may have left one of another shape.
+        MoEAuxLossAutoScaler.main_loss_backward_scale = None
         self._nan_test_step = int(os.environ.get(NAN_TEST_ENV, "-1"))
 
         self.stopper: Optional[GracefulStop] = None  # set while train() runs

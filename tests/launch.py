@@ -37,9 +37,9 @@ def train(run_dir: Path, data_prefix: str, *overrides: str, nproc: int = 1, time
     return _run(cmd, run_dir.parent, nproc, timeout, expect_success)
 
 
-def run_worker(script: str, nproc: int = 2, timeout: int = 240) -> list[dict]:
-    """Run ``tests/workers/<script>`` under torchrun; return the JSON lines every rank printed."""
-    proc = _run([*_torchrun(nproc), str(REPO / "tests" / "workers" / script)], REPO, nproc, timeout, True)
+def run_worker(script: str, *args: str, nproc: int = 2, timeout: int = 240) -> list[dict]:
+    """Run ``tests/workers/<script> args...`` under torchrun; return the JSON lines every rank printed."""
+    proc = _run([*_torchrun(nproc), str(REPO / "tests" / "workers" / script), *args], REPO, nproc, timeout, True)
     lines = (proc.stdout + "\n" + proc.stderr).splitlines()
     return [json.loads(line) for line in lines if line.startswith("{")]
 

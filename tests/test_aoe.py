@@ -34,7 +34,20 @@ def test_aoe_has_no_router_matrix_and_matches_parameters(aoe_layer):
     d, r, n = 24, 5, 4
     width = layer.experts.width
     aoe_expert = d * r + r * width + 2 * d * width
-    assert abs(aoe_expert - (d + 3 * d * 16)) <= r + 2 * d  # D' rounded: within one column of a match
+    # D' rounded to a multiple of 8 (aligned rows for the grouped GEMM): within 4 columns of a match
+    assert width % 8 == 0 and abs(aoe_expert - (d + 3 * d * 16)) <= 4 * (r + 2 * d)
+
+
+def test_default_aoe_widths_are_aligned_for_the_grouped_gemm():
+    from moe_erc.config import load_config
+    from moe_erc.layers.routers.aoe import aoe_rank, aoe_width
+
+    for d, D in [(256, 128), (128, 256), (1536, 768), (24, 16)]:
+        cfg = load_config(None, ["moe.router=aoe", f"model.hidden_size={d}", f"moe.moe_ffn_hidden_size={D}"])
+        r, w = aoe_rank(cfg), aoe_width(cfg)
+        assert r % 8 == 0 and w % 8 == 0 and abs(r - d / 3) <= 4, (d, D, r, w)
+        exact = (d + 3 * d * D - d * r) / (r + 2 * d)  # the parameter-matching width
+        assert abs(w - exact) <= 4 or (w == 8 and exact < 8), (d, D, w, exact)
 
 
 def test_scores_are_norms_of_each_experts_low_rank_slice(aoe_layer):

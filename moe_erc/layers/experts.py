@@ -56,6 +56,16 @@ def _aligned(t: torch.Tensor) -> bool:
 _WARNED: set = set()
 
 
+def grouped_mm_fast_path(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch._grouped_mm`` runs its one CUTLASS kernel here: CUDA, bf16 (inputs and output), compute
+    capability 9.x or 10.x (H100/H200/GH200, B200/GB200). Elsewhere (fp32/fp16, A100, L40S, ...) the op loops
+    over the experts after copying the offsets to the host: a GPU stall per call (PyTorch's
+    ``_grouped_mm_cuda``, aten/src/ATen/native/cuda/GroupedBlas.cpp). CPU: a loop, without a stall."""
+    if device.type != "cuda":
+        return device.type == "cpu"
+    return dtype == torch.bfloat16 and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
 def _warn_unaligned(tokens: torch.Tensor, weights: torch.Tensor) -> None:
     """Once per shape: the per-expert loop reads the offsets on the host (a GPU stall per call) and launches
     two GEMMs per expert."""
@@ -98,6 +108,7 @@ class GroupedExperts(MegatronModule):
         self.num_local_experts = m = num_local_experts
         self.etp_size = parallel_state.get_expert_tensor_parallel_world_size()
         self.etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+        self._fast_path = None  # torch._grouped_mm's single-kernel path on this device/dtype (first forward)
         self.ffn_local = config.moe_ffn_hidden_size // self.etp_size
         self.gated = config.gated_linear_unit
         d, width = config.hidden_size, self.ffn_local
@@ -124,6 +135,12 @@ class GroupedExperts(MegatronModule):
         """``[T, d]`` tokens sorted by local expert, ``[m]`` counts, ``[T]`` gate probabilities -> (``[T, d]``, None)."""
         counts = torch.as_tensor(tokens_per_expert).to(device=hidden.device, dtype=torch.int32, non_blocking=True)
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        if self._fast_path is None:
+            self._fast_path = grouped_mm_fast_path(hidden.device, hidden.dtype)
+            if not self._fast_path:
+                warnings.warn(f"GroupedExperts: torch._grouped_mm has no single-kernel path for {hidden.dtype} on "
+                              f"{torch.cuda.get_device_name(hidden.device)}; it loops over experts with a host "
+                              f"sync per call (bf16 on compute capability 9.x/10.x is the fast path)")
         hidden = hidden.contiguous()  # the CUDA kernel needs 16-byte-aligned row-major tokens (no-op if so)
         h = grouped_mm(hidden, self.weight1, offsets)                    # [T, 2D] or [T, D]
         if self.gated:

@@ -77,7 +77,9 @@ def predicted_logits_masked_fill(vocab_parallel_logits: torch.Tensor, target: to
     return target_mask, masked_target_1d, predicted_logits, sum_exp_logits, exp_logits
 
 
+# megatron's originals (this module is imported before install() runs): the reference for tests.
 _MEGATRON_CHAINED_GRAD_NORM = ChainedOptimizer.get_grad_norm
+MEGATRON_PREDICTED_LOGITS = VocabParallelCrossEntropy.calculate_predicted_logits
 
 
 @torch.no_grad()
