@@ -15,7 +15,7 @@ Rows (all measured side by side in this process; medians of repeats after warm-u
              of one layer's experts at ``--expert-tokens`` tokens
 
 GPU time is short (the test machine: 15 minutes a session, start-up included; ``scripts/test.sh --gpu`` and
-this script must fit in 8), so the run keeps to ``--time-budget`` (default 240 s on a GPU): rows 3 and 4 run
+this script must fit in 8), so the run keeps to ``--time-budget`` (default 150 s on a GPU, model build included): rows 3 and 4 run
 first (seconds), then two warm-up steps time one step and rows 1 and 2 get as many repeats as fit (at most
 ``--repeats``, 3 for the 3B preset); a row that cannot run once is printed as skipped, with the step time.
 """
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--only", default="step,kernel,experts", help="comma list of: step, kernel, experts")
     parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds for the whole run (default: 240 on a GPU, unlimited on CPU); repeats "
+                        help="seconds for the whole run (default: 150 on a GPU, unlimited on CPU); repeats "
                              "shrink to fit and a row that cannot fit once is reported as skipped")
     parser.add_argument("overrides", nargs="*", help="extra section.key=value config overrides")
     args = parser.parse_args(argv)
@@ -301,7 +301,7 @@ def main(argv=None) -> int:
     from moe_erc.compat import prepare_runtime
     from moe_erc.config import load_config
 
-    deadline = Deadline(args.time_budget or (240.0 if device == "cuda" else float("inf")))
+    deadline = Deadline(args.time_budget or (150.0 if device == "cuda" else float("inf")))
     cfg = load_config(None, overrides)
     parallel.initialize(cfg, prepare_runtime(device))
     only = set(args.only.split(","))

@@ -16,8 +16,8 @@ step that does not log) under two modes and returns a :class:`StepCount`:
   attributed through tags on the autograd nodes that each part's forward created.
 * **host reads**: ``_local_scalar_dense`` (``item``, ``float``, ``bool``), data-dependent shapes
   (``nonzero``, boolean indexing, ``unique``, ``masked_select``), ``tolist``/``numpy``/``cpu`` of device
-  tensors, ``torch.tensor`` built from device tensors, and blocking host-to-device copies, each with its
-  call site. A **sync point** is a read with device work queued since the previous read: back-to-back reads
+  tensors, ``torch.tensor`` built from device tensors (one read per element: each is its own copy), and
+  blocking host-to-device copies, each with its call site. A **sync point** is a read with device work queued since the previous read: back-to-back reads
   drain the GPU once.
 
 Host-resident tensors (what lives on the host on a GPU too): tensors made by a factory without a
@@ -244,7 +244,8 @@ class _Functions(TorchFunctionMode):
             t.read("cpu")
         elif name in ("tensor", "as_tensor") and isinstance(first, (list, tuple)) and any(
                 not t.is_host(x) for x in _tensors(first)):
-            t.read(f"torch.{name}(device tensors)")
+            for _ in [x for x in _tensors(first) if not t.is_host(x)]:  # one copy to the host per element
+                t.read(f"torch.{name}(device tensors)")
             t.suspend_reads += 1
             try:
                 out = func(*args, **kwargs)

@@ -68,9 +68,9 @@ def test_every_method_trains_in_bf16(tiny_corpus, tmp_path, device, method):
 
 @pytest.mark.parametrize("optimizer", [
     pytest.param(["parallel.use_distributed_optimizer=false", "erc.enabled=true"], id="adam-erc"),
-    # bf16 Newton-Schulz on the GPU, rule tags on megatron's fp32 main params, batched stacked experts
+    # bf16 Newton-Schulz on the GPU, rule tags on megatron's fp32 main params, batched stacked experts (plain
+    # Muon shares this machinery; it is left out to keep the tier and gpu_step.py within 8 minutes)
     pytest.param(["optimizer.name=symmetric", "erc.enabled=true", "moe.moe_grouped_gemm=true"], id="symmetric-erc"),
-    pytest.param(["optimizer.name=muon"], id="muon"),
     pytest.param(["parallel.use_distributed_optimizer=true"], id="distributed-optimizer",
                  marks=pytest.mark.cuda_only("megatron's distributed optimizer accepts only torch.cuda parameters")),
 ])
