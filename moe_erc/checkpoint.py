@@ -34,6 +34,7 @@ import torch.distributed as dist
 
 from moe_erc.compat import import_megatron, runtime_device
 from moe_erc.errors import CheckpointError
+from moe_erc.orphans import install_checkpoint_queue
 
 import_megatron()
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel  # noqa: E402
@@ -101,6 +102,7 @@ def save(root: str | Path, step: int, model_chunks, optimizer, scheduler, traine
     final = root / step_dir_name(step)
     tmp = root / f".tmp-{step_dir_name(step)}"
     rank = dist.get_rank()
+    install_checkpoint_queue()  # megatron's writer helper process dies with this rank (moe_erc.orphans)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -138,9 +140,16 @@ def _write_latest(root: Path, name: str) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in steps[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest ``keep_last`` steps, and never remove the newest step that verifies (if the kept ones
+    are all damaged, it stays too)."""
+    steps = step_dirs(root)
+    kept, old = steps[-keep_last:], steps[:-keep_last]
+    if old and not any(verify(p) is None for p in kept):
+        loadable = [p for p in old if verify(p) is None]
+        if loadable:
+            old.remove(loadable[-1])
+    for step_dir in old:
+        shutil.rmtree(step_dir, ignore_errors=True)
 
 
 def is_complete(step_dir: Path) -> bool:
@@ -175,7 +184,7 @@ def verify(step_dir: Path) -> Optional[str]:
 
 def _candidates(root: Path) -> list[Path]:
     """Step directories newest first, the one ``latest`` names at the front."""
-    steps = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    steps = step_dirs(root)[::-1]
     pointer = root / LATEST
     if pointer.is_file():
         named = root / pointer.read_text().strip()
@@ -183,6 +192,25 @@ def _candidates(root: Path) -> list[Path]:
             steps.remove(named)
             steps.insert(0, named)
     return steps
+
+
+def step_dirs(root: str | Path) -> list[Path]:
+    """Every ``step_*`` directory under ``root`` (complete or not), oldest first."""
+    root = Path(root)
+    return sorted(p for p in root.glob("step_*") if p.is_dir()) if root.is_dir() else []
+
+
+def resume_point(root: str | Path, warn=print) -> Optional[Path]:
+    """``training.resume=auto``: the newest step that verifies; None when ``root`` holds no step directory.
+    When it holds some and none verifies, refuse (one line naming each and why): starting from step 0
+    would overwrite them and rotate the older ones away."""
+    found = find_latest(root, warn=warn)
+    if found is None and step_dirs(root):
+        problems = "; ".join(f"{p.name}: {verify(p).replace(str(p), '').strip()}" for p in step_dirs(root))
+        raise CheckpointError(f"no checkpoint in {root} can be loaded ({problems}); nothing was changed. To start "
+                              f"over, give a new logging.run_dir (or remove {root}); to load one anyway, name it "
+                              f"with training.resume=<step dir>")
+    return found
 
 
 def find_latest(root: str | Path, warn=print) -> Optional[Path]:

@@ -165,7 +165,8 @@ class OptimizerConfig(_Group):
     muon_momentum: float = 0.95
     muon_nesterov: bool = True
     muon_num_ns_steps: int = 5  # Newton-Schulz iterations per matrix and step
-    muon_coefficient_type: str = "quintic"
+    # emerging-optimizers' Newton-Schulz coefficient sets ("custom" needs coefficients moe-erc does not pass)
+    muon_coefficient_type: Literal["simple", "quintic", "polar_express", "cans", "aol", "deepseekv4"] = "quintic"
     # megatron's scale modes; "spectral" (sqrt(max(out, in))) gives unit-RMS updates, which the extra
     # factor 0.2 brings to AdamW's typical update RMS, so AdamW's lr carries over (Moonshot's recipe).
     muon_scale_mode: Literal["spectral", "unit_rms_norm", "shape_scaling"] = "spectral"
@@ -247,6 +248,8 @@ def _value_problems(cfg: Config):
     for key, value in positive.items():
         if value < 1:
             yield f"{key}={value} must be >= 1"
+    if p.world_size is not None and p.world_size < 1:
+        yield f"parallel.world_size={p.world_size} must be >= 1"
     if t.eval_iters < 0:
         yield f"training.eval_iters={t.eval_iters} must be >= 0"
     if moe.moe_router_topk > moe.num_experts:
@@ -287,6 +290,25 @@ def _value_problems(cfg: Config):
         yield f"optimizer.lr_warmup_iters={o.lr_warmup_iters} must be >= 0"
     if o.clip_grad < 0:
         yield f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)"
+    if o.lr <= 0:
+        yield f"optimizer.lr={o.lr} must be > 0"
+    if o.weight_decay < 0:
+        yield f"optimizer.weight_decay={o.weight_decay} must be >= 0"
+    for key in ("adam_beta1", "adam_beta2", "muon_momentum"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            yield f"optimizer.{key}={getattr(o, key)} must be in [0, 1)"
+    if o.adam_eps <= 0:
+        yield f"optimizer.adam_eps={o.adam_eps} must be > 0"
+    if o.muon_num_ns_steps < 1:
+        yield f"optimizer.muon_num_ns_steps={o.muon_num_ns_steps} must be >= 1 (Newton-Schulz iterations; 5 is usual)"
+    if o.muon_extra_scale_factor <= 0:
+        yield f"optimizer.muon_extra_scale_factor={o.muon_extra_scale_factor} must be > 0"
+    if o.lr_decay_iters is not None and o.lr_decay_iters < 1:
+        yield f"optimizer.lr_decay_iters={o.lr_decay_iters} must be >= 1 (or unset: training.train_iters)"
+    head_dim = m.hidden_size // m.num_attention_heads if m.hidden_size % m.num_attention_heads == 0 else 0
+    if m.position_embedding_type == "rope" and head_dim % 2:
+        yield (f"model.position_embedding_type=rope needs an even head dimension, but model.hidden_size="
+               f"{m.hidden_size} / model.num_attention_heads={m.num_attention_heads} = {head_dim}; change either")
     if not 0.0 <= m.hidden_dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
         yield "model.hidden_dropout and model.attention_dropout must be in [0, 1)"
     if isinstance(m.moe_layer_freq, list):

@@ -7,6 +7,7 @@ single process (a private TCP store on localhost). Backend: NCCL on GPU, gloo on
 
 from __future__ import annotations
 
+import datetime
 import os
 import random
 import socket
@@ -58,19 +59,37 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def rendezvous_store(rank: int, world_size: int) -> dist.Store:
+    """The key-value store the process group meets in, with this launch attempt's keys under their own prefix.
+
+    Under torchrun the store is the elastic agent's (``TORCHELASTIC_USE_AGENT_STORE``: workers are clients)
+    and it outlives the workers: after a crash, ``--max-restarts`` starts new workers against the same store,
+    and without a per-attempt prefix they read the dead workers' addresses (gloo: "Connection refused" in
+    ``connectFullMesh``; NCCL: a stale unique id). ``TORCHELASTIC_RESTART_COUNT`` names the attempt.
+    One process (no launcher): a private store on a free local port, never a launcher's inherited one.
+    """
+    if world_size == 1:
+        host, port, is_server = "127.0.0.1", _free_port(), True
+    else:
+        host, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        is_server = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    store = dist.TCPStore(host, port, world_size, is_server, timeout=STORE_TIMEOUT)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"moe_erc/attempt{attempt}", store)
+
+
+STORE_TIMEOUT = datetime.timedelta(minutes=30)  # torch's default process-group timeout
+
+
 def initialize(cfg: Config, device: str) -> Topology:
     """Start torch.distributed (if needed) and megatron's parallel groups; seed every RNG."""
     rank, world_size, local_rank = launch_environment()
     check_layout(cfg, world_size, device)
     if not dist.is_initialized():
-        if world_size == 1:  # a private store; never inherit (or leak to children) a launcher's port
-            address = f"tcp://127.0.0.1:{_free_port()}"
-        else:
-            address = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
         if device == "cuda":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo", rank=rank,
-                                world_size=world_size, init_method=address)
+                                world_size=world_size, store=rendezvous_store(rank, world_size))
     p = cfg.parallel
     tp = p.tensor_model_parallel_size
     parallel_state.initialize_model_parallel(

@@ -365,6 +365,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--world-size", type=int, default=None, help="default: parallel.world_size")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_intermixed_args(argv)  # flags may come after the overrides
+    if args.world_size is not None and args.world_size < 1:
+        raise ConfigError(f"--world-size {args.world_size} must be >= 1 (the number of GPUs the run gets)")
     cfg = load_config(args.config, args.overrides)
     world = args.world_size or cfg.parallel.world_size
     if world is None:

@@ -31,7 +31,7 @@ from moe_erc.data.datasets import (build_dataloader, build_gpt_datasets, check_i
                                    parse_data_path)
 from moe_erc.data.tokenizer import resolve_tokenizer
 from moe_erc.layers.erc_layer import erc_layer_stats, router_matrix_stats, set_training_step
-from moe_erc.errors import DataError, UserError
+from moe_erc.errors import CheckpointError, DataError, UserError
 from moe_erc.finite import all_finite, gradient_buffers, tensor_finite
 from moe_erc.instruments import RoutingMonitor, layer_summaries
 from moe_erc.metrics import MetricsWriter, Progress, clear_moe_layer_metrics, moe_layer_metrics
@@ -71,6 +71,14 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
 
 # Test hook (tests/test_reliability.py): make the loss of this (0-based) step NaN.
 NAN_TEST_ENV = "MOE_ERC_TEST_NAN_AT_STEP"
+# Test hook (tests/test_reliability.py): "RANK@STEP" SIGKILLs that rank after STEP, in the first attempt only.
+KILL_TEST_ENV = "MOE_ERC_TEST_KILL_AT_STEP"
+
+
+def _maybe_die_for_tests(rank: int, step: int) -> None:
+    target = os.environ.get(KILL_TEST_ENV)
+    if target and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0" and target == f"{rank}@{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class TrainingHalted(UserError):
@@ -182,6 +190,11 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
 
     def _prepare_run_dir(self) -> None:
+        """Create the run directory and write its config; first refuse (every rank, one line) to start a
+        fresh run where an earlier one left its records, so they are never mixed or overwritten."""
+        refusal = checkpoint.on_rank0(self._used_run_dir)
+        if refusal:
+            raise UserError(refusal)
         if self.topo.rank == 0:
             try:
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -190,6 +203,30 @@ class Trainer:
                 raise UserError(f"cannot write run directory {self.run_dir} ({exc.strerror}); "
                                 f"set logging.run_dir to a writable path") from None
         dist.barrier()
+
+    def _used_run_dir(self) -> Optional[str]:
+        """Why this run must not start here (None if it may): a fresh start (``training.resume=none``, or
+        ``auto`` with nothing to resume) in a directory holding another run's metrics or checkpoints."""
+        resume = self.cfg.training.resume
+        if resume not in ("auto", "none"):
+            return None  # an explicit checkpoint: continuing that run here is the user's stated choice
+        steps = checkpoint.step_dirs(self.ckpt_dir)
+        metrics = self.run_dir / "metrics.jsonl"
+        has_records = metrics.is_file() and metrics.stat().st_size > 0
+        if resume == "auto" and steps:  # resumes from the newest good one; refuses now if none would load
+            try:
+                checkpoint.resume_point(self.ckpt_dir, warn=lambda _: None)
+            except CheckpointError as exc:
+                return str(exc)
+            return None
+        if not steps and not has_records:
+            return None
+        held = ", ".join(filter(None, [f"{metrics.name}" if has_records else "",
+                                       f"checkpoints {steps[0].name}..{steps[-1].name}" if steps else ""]))
+        why = ("training.resume=none would start a new run" if resume == "none"
+               else "there is no checkpoint to resume, so a new run would start")
+        return (f"{self.run_dir} holds an earlier run ({held}); {why} and mix its records into it. "
+                f"Give a new logging.run_dir, or remove {self.run_dir} to start over there")
 
     def _global_param_count(self, model) -> int:
         """Parameters of the whole model (experts and TP shards counted once)."""
@@ -208,7 +245,7 @@ class Trainer:
         source: Optional[Path] = None
         # Decided on rank 0 and broadcast: on a shared filesystem ranks could otherwise see different steps.
         if cfg.training.resume == "auto":
-            source = checkpoint.on_rank0(lambda: checkpoint.find_latest(self.ckpt_dir, warn=print))
+            source = checkpoint.on_rank0(lambda: checkpoint.resume_point(self.ckpt_dir, warn=print))
         elif cfg.training.resume != "none":
             source = checkpoint.on_rank0(lambda: checkpoint.resolve(cfg.training.resume))
         if source is not None:
@@ -407,6 +444,7 @@ class Trainer:
                 self._run_eval()
             if self.step % cfg.checkpoint.save_interval == 0 and self.step < stop_at:
                 self.save()
+            _maybe_die_for_tests(self.topo.rank, self.step)
             if self._stop_requested:
                 final_dir = self.save()
                 self._say(f"stopped by {stopper.signal_name} at step {self.step}; checkpoint {final_dir} "

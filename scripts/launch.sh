@@ -6,8 +6,10 @@
 #   scripts/launch.sh --dry-run CONFIG ...               # print the command, run nothing
 #
 # Environment: NNODES (1), NODE_RANK (0), NPROC_PER_NODE (GPUs on this node, else 1), MASTER_ADDR
-# (127.0.0.1), MASTER_PORT (29500), PYTHON (python; the .venv one if present), MOE_ERC_EXTRA_ARGS
-# (extra torchrun flags). Multi-node: run the same command on every node with its NODE_RANK.
+# (127.0.0.1), MASTER_PORT (29500), MAX_RESTARTS (0: torchrun restarts every worker this many times after
+# one fails; they resume from the last checkpoint, see docs/launching.md), PYTHON (python; the .venv one if
+# present), MOE_ERC_EXTRA_ARGS (extra torchrun flags). Multi-node: the same command on every node with its
+# NODE_RANK.
 set -euo pipefail
 dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
@@ -32,7 +34,7 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
 fi
 cmd=("$PYTHON" -m torch.distributed.run
      --nnodes "$NNODES" --node-rank "$NODE_RANK" --nproc-per-node "$NPROC_PER_NODE"
-     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+     --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT" --max-restarts "${MAX_RESTARTS:-0}")
 # shellcheck disable=SC2206  # intentional word splitting of extra flags
 [ -n "${MOE_ERC_EXTRA_ARGS:-}" ] && cmd+=(${MOE_ERC_EXTRA_ARGS})
 cmd+=(-m moe_erc.train "$@")

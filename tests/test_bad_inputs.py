@@ -102,6 +102,14 @@ CASES = {
     "kmeans momentum": (T("moe.kmeans_momentum=1"), "moe.kmeans_momentum=1.0 must be in [0, 1)"),
     "aoe rank": (T("moe.aoe_rank=64"), "moe.aoe_rank=64 must be in 1..model.hidden_size=32"),
     "top-1 softmax": (T("moe.moe_router_topk=1"), "needs moe.moe_router_pre_softmax=true"),
+    # -- optimizer values (issue 21: these reached torch/megatron, or trained)
+    "muon coefficients": (T("optimizer.name=muon", "optimizer.muon_coefficient_type=cubic"), "muon_coefficient_type"),
+    "newton-schulz steps": (T("optimizer.muon_num_ns_steps=0"), "muon_num_ns_steps=0 must be >= 1"),
+    "muon momentum": (T("optimizer.muon_momentum=1.5"), "muon_momentum=1.5 must be in [0, 1)"),
+    "adam beta": (T("optimizer.adam_beta2=1.2"), "adam_beta2=1.2 must be in [0, 1)"),
+    "weight decay": (T("optimizer.weight_decay=-0.1"), "weight_decay=-0.1 must be >= 0"),
+    "lr decay iters": (T("optimizer.lr_decay_iters=-5"), "lr_decay_iters=-5 must be >= 1"),
+    "odd head dim": (T("model.hidden_size=30", "model.num_attention_heads=2"), "needs an even head dimension"),
     # -- layout (checked before any process group starts)
     "ep needs processes": (T("parallel.expert_model_parallel_size=2"), "must divide world_size/pipeline"),
     "experts by ep": (T("parallel.expert_model_parallel_size=3"), "moe.num_experts=4 is not divisible by"),
@@ -136,6 +144,8 @@ CASES = {
                             "text"),
     "analyze nothing": (("analyze", ["{root}/nothing"]), "no complete checkpoint"),
     "plan without world size": (("plan", ["configs/tiny.yaml"]), "no world size"),
+    "plan world size 0": (("plan", ["configs/tiny.yaml", "--world-size", "0"]), "--world-size 0 must be >= 1"),
+    "plan world size negative": (("plan", ["configs/tiny.yaml", "--world-size", "-8"]), "--world-size -8 must be"),
     "plan without vocab": (("plan", ["configs/tiny.yaml", "--world-size", "1"]), "model.vocab_size is not set"),
 }
 

@@ -28,9 +28,13 @@ def test_launch_dry_run_prints_a_two_node_torchrun_command():
                          cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout
     argv = shlex.split(out)
     assert argv[1:3] == ["-m", "torch.distributed.run"]
-    flags = dict(zip(argv[3:13:2], argv[4:13:2]))
+    flags = dict(zip(argv[3:15:2], argv[4:15:2]))
     assert flags == {"--nnodes": "2", "--node-rank": "1", "--nproc-per-node": "8", "--master-addr": "node0",
-                     "--master-port": "6000"}
+                     "--master-port": "6000", "--max-restarts": "0"}
+    env["MAX_RESTARTS"] = "3"
+    again = shlex.split(subprocess.run(["bash", "scripts/launch.sh", "--dry-run", "configs/erc-3b.yaml"], cwd=REPO,
+                                       env=env, capture_output=True, text=True, check=True).stdout)
+    assert again[again.index("--max-restarts") + 1] == "3"
     assert argv[-4:] == ["-m", "moe_erc.train", "configs/erc-3b.yaml", "erc.alpha=0.5"]
 
 
@@ -52,6 +56,7 @@ def test_sbatch_has_headers_and_its_dry_run_is_clean_under_set_u(tmp_path):
     argv = shlex.split(proc.stdout)
     assert argv[0] == "srun" and "--container-image" in argv and "--container-mounts" in argv
     assert "--rdzv-endpoint" in argv and argv[argv.index("--rdzv-id") + 1] == "42"
+    assert argv[argv.index("--max-restarts") + 1] == "1" and "#SBATCH --requeue" in headers
     # stable across resubmissions (a 48 h job limit against a long run): the job id is not in the run dir
     assert f"logging.run_dir={tmp_path}/erc-15b" in argv and "parallel.world_size=16" in argv
     env["SLURM_JOB_ID"] = "43"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import TINY, losses, train
+from launch import TINY, losses, records, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -164,3 +164,78 @@ def test_rng_states_are_restored_only_into_the_layout_they_were_saved_from(tiny_
     (run_dir / "checkpoints" / "latest").write_text("step_0000002\n")
     other = train(run_dir, tiny_corpus, "training.train_iters=3", "training.resume=" + str(meta_path.parent))
     assert "RNG states not restored: saved in another layout" in other.stdout
+
+
+def test_a_run_never_erases_itself(tiny_corpus, tmp_path):
+    """Every checkpoint damaged: resume=auto refuses in one line and changes nothing; a fresh start
+    (resume=none, or auto with metrics but no checkpoint) in a used directory is refused the same way."""
+    run_dir = tmp_path / "run"
+    train(run_dir, tiny_corpus, "training.train_iters=4", "checkpoint.save_interval=2")
+    ckpt = run_dir / "checkpoints"
+    for step in ("step_0000002", "step_0000004"):
+        shard = next((ckpt / step).glob("*.distcp"))
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+
+    def snapshot():
+        return {str(p.relative_to(run_dir)): p.stat().st_size for p in run_dir.rglob("*") if p.is_file()}
+
+    before = snapshot()
+    for extra in (["training.train_iters=6"], ["training.train_iters=6", "training.resume=none"]):
+        result = train(run_dir, tiny_corpus, *extra, expect_success=False, debug=False)
+        last = result.stderr.strip().splitlines()[-1]
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+        assert str(run_dir) in last, last
+        assert snapshot() == before  # nothing written, rotated or appended
+        if "training.resume=none" not in extra:
+            assert "step_0000002: " in last and "step_0000004: " in last and "truncated" in last, last
+
+    fresh = tmp_path / "no-checkpoint"  # metrics of a run that died before its first save
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text('{"step": 1, "split": "train", "lm_loss": 6.0}\n')
+    result = train(fresh, tiny_corpus, "training.train_iters=2", expect_success=False, debug=False)
+    assert result.returncode == 2 and "metrics.jsonl" in result.stderr.strip().splitlines()[-1]
+    assert (fresh / "metrics.jsonl").read_text().count("\n") == 1
+
+
+def test_rotation_keeps_the_newest_loadable_checkpoint(tmp_path):
+    from moe_erc import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (2, 4, 6):  # step 2 intact (metadata only, no shards), 4 and 6 incomplete
+        d = root / checkpoint.step_dir_name(step)
+        d.mkdir(parents=True)
+    (root / "step_0000002" / checkpoint.METADATA).write_text("{}")
+    import torch
+    import torch.distributed.checkpoint as dcp  # a real (tiny) DCP checkpoint
+
+    dcp.save({"w": torch.zeros(2)}, checkpoint_id=str(root / "step_0000002"), no_dist=True)
+    (root / "step_0000002" / "metadata.json").write_text("{}")  # megatron's own metadata file
+    assert checkpoint.verify(root / "step_0000002") is None
+    checkpoint._prune(root, keep_last=2)
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
+    (root / "step_0000008").mkdir()
+    checkpoint._prune(root, keep_last=1)  # still no good one among the kept: step 2 stays
+    assert sorted(p.name for p in root.iterdir()) == ["step_0000002", "step_0000008"]
+
+
+def test_a_crashed_rank_restarts_and_the_run_finishes_with_the_same_losses(tiny_corpus, tmp_path):
+    """EP=2 with ERC under torchrun --max-restarts 1: rank 1 is SIGKILLed after step 3 (checkpoint at step 2).
+    The agent restarts both workers; they meet in a fresh store prefix, resume from step 2 and finish. Every
+    logged step (3 twice) has the loss of an uninterrupted run."""
+    from moe_erc.trainer import KILL_TEST_ENV
+
+    common = ["training.train_iters=5", "checkpoint.save_interval=2", "erc.enabled=true", "erc.alpha=0.5",
+              "parallel.expert_model_parallel_size=2"]
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    train(straight, tiny_corpus, *common, nproc=2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--max-restarts=1",
+           "-m", "moe_erc.train", *TINY, f"data.data_path={tiny_corpus}", f"logging.run_dir={crashed}", *common]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", KILL_TEST_ENV: "1@3"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "resumed from" in proc.stdout and "at step 2" in proc.stdout, proc.stdout[-2000:]
+    expected = losses(straight)
+    logged = [(r["step"], r["lm_loss"]) for r in records(crashed)]
+    assert [step for step, _ in logged] == [1, 2, 3, 3, 4, 5], logged
+    for step, loss in logged:
+        assert loss == pytest.approx(expected[step], rel=1e-6), (step, loss, expected)
