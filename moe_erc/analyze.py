@@ -11,13 +11,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 from pathlib import Path
 
 import torch
 
 from moe_erc import checkpoint, erc
 from moe_erc.config import Config
-from moe_erc.errors import CheckpointError
+from moe_erc.errors import CheckpointError, UserError
+from moe_erc.outputs import check_output_dir
 
 
 def _one_process_config(saved: dict) -> Config:
@@ -143,7 +145,11 @@ def main(argv: list[str]) -> int:
     try:
         alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
     except ValueError:
-        raise CheckpointError(f"--alphas '{args.alphas}' must be comma-separated numbers, e.g. 0.5,1,2") from None
+        alphas = []
+    if not alphas or not all(math.isfinite(a) and a >= 0 for a in alphas):
+        raise UserError(f"--alphas '{args.alphas}' must be comma-separated numbers >= 0, e.g. 0.5,1,2")
+    if args.out:
+        check_output_dir(args.out)
     result = analyze(args.checkpoint, alphas)
     out_dir = Path(args.out) if args.out else Path(result["checkpoint"]) / "analysis"
     figure = write_heatmaps(result, out_dir) if result["layers"] else None

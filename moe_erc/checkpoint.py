@@ -25,6 +25,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -230,7 +231,7 @@ def resolve(path: str | Path) -> Path:
     if (path / METADATA).is_file():
         problem = verify(path)
         if problem:
-            raise CheckpointError(f"cannot load checkpoint: {problem}")
+            raise CheckpointError(f"cannot load checkpoint, it is damaged: {problem}")
         return path
     found = find_latest(path) if path.is_dir() else None
     if found is None:
@@ -251,6 +252,18 @@ def _first_cause(exc: BaseException) -> str:
         exc = exc[0] if isinstance(exc, tuple) else exc
     lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
     return f"{type(exc).__name__}: {(lines or [''])[-1][:200]}"
+
+
+def _load_failure(step_dir: Path, first: str) -> str:
+    """One line: damaged files, or a checkpoint that does not fit this model/layout."""
+    problem = verify(step_dir)
+    if problem:
+        return f"checkpoint {step_dir} is damaged: {problem}"
+    if any(word in first.lower() for word in ("shape", "size mismatch", "missing", "unexpected", "not found")):
+        return (f"cannot load {step_dir} into this model/layout ({first}); check that the config matches the one "
+                f"it was saved with")
+    return (f"cannot load {step_dir} ({first}): its files look complete but do not decode, so the checkpoint is "
+            f"probably damaged (or written by another version); resume from an earlier step_* directory")
 
 
 def current_layout() -> dict[str, int]:
@@ -302,15 +315,15 @@ def load(step_dir: str | Path, model_chunks, optimizer=None, scheduler=None) -> 
                               rng=with_optimizer and same_layout)
     template.pop("trainer")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch DCP's notes on every load (single-process mode, argument order, ShardedTensor deprecation)
+            warnings.filterwarnings("ignore", module=r"torch\.distributed\.checkpoint")
             state = dist_checkpointing.load(template, str(step_dir))
         _unwrap(model_chunks[0]).load_state_dict(state["model"], strict=True)
     except (CheckpointError, KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # torch DCP wraps rank failures in CheckpointException(BaseException)
-        first = _first_cause(exc)
-        raise CheckpointError(f"cannot load {step_dir} into this model/layout ({first}); "
-                              f"check that the config matches the one it was saved with") from None
+        raise CheckpointError(_load_failure(step_dir, _first_cause(exc))) from None
     if with_optimizer:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

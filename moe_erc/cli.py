@@ -130,8 +130,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     debug = "--debug" in argv
     _quiet_third_party_noise()
     try:
-        if argv and argv[0] in _PASSTHROUGH:
-            return _PASSTHROUGH[argv[0]]([a for a in argv[1:] if a != "--debug"])
+        rest = [a for a in argv if a != "--debug"]  # --debug may come before or after the command
+        if rest and rest[0] in _PASSTHROUGH:
+            return _PASSTHROUGH[rest[0]](rest[1:])
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as exc:

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
 
 from moe_erc.config import Config
 from moe_erc.errors import ConfigError, UserError
+from moe_erc.outputs import check_output_dir, staged_directory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -257,10 +259,10 @@ def export(path: str, out: str, dtype: str = "fp32", tokenizer: str | None = Non
                           f"unexpected {sorted(set(weights) - expected)[:4]}")
     model.load_state_dict({k: v.to(DTYPES[dtype]) if v.is_floating_point() and "correction_bias" not in k else v
                            for k, v in weights.items()}, strict=True, assign=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir), max_shard_size=max_shard_size)
-    GenerationConfig(eos_token_id=tok.eod, pad_token_id=tok.eod, bos_token_id=None).save_pretrained(str(out_dir))
-    save_tokenizer(tok, out_dir)
+    with staged_directory(out_dir) as staging:  # a failure half-way leaves an earlier export as it was
+        model.save_pretrained(str(staging), max_shard_size=max_shard_size)
+        GenerationConfig(eos_token_id=tok.eod, pad_token_id=tok.eod, bos_token_id=None).save_pretrained(str(staging))
+        save_tokenizer(tok, staging)
     summary = {"architecture": type(model).__name__, "checkpoint": meta["step_dir"], "step": meta.get("step"),
                "dtype": dtype, "vocab_size": tok.vocab_size, "parameters": sum(w.numel() for w in weights.values()),
                "out": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir())}
@@ -274,7 +276,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--tokenizer", default=None, help="tokenizer to save (default: the run's)")
     parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     args = parser.parse_args(argv)
+    check_output_dir(args.out, must_be_empty=True, force=args.force)
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B)?\s*", args.max_shard_size, flags=re.IGNORECASE):
+        raise ExportError(f"--max-shard-size '{args.max_shard_size}' must be a size such as 5GB, 500MB or 2GiB")
     summary = export(args.checkpoint, args.out, args.dtype, args.tokenizer, args.max_shard_size)
     print(f"export: {summary['architecture']} ({summary['parameters'] / 1e6:.2f}M parameters, {summary['dtype']}) "
           f"from step {summary['step']} -> {summary['out']}: {', '.join(summary['files'])}")

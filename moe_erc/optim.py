@@ -125,4 +125,23 @@ def build_scheduler(cfg: Config, optimizer) -> OptimizerParamScheduler:
         wd_incr_style="constant",
         wsd_decay_steps=decay_iters // 10 if o.lr_decay_style == "WSD" else None,
         lr_wsd_decay_style="cosine" if o.lr_decay_style == "WSD" else None,
+        # On resume the config's schedule wins over the checkpoint's (megatron's default keeps the saved one
+        # silently); the trainer says which schedule settings changed.
+        override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False,
     )
+
+
+SCHEDULE_KEYS = ("training.train_iters", "optimizer.lr", "optimizer.min_lr", "optimizer.lr_warmup_iters",
+                 "optimizer.lr_decay_style", "optimizer.lr_decay_iters", "optimizer.weight_decay")
+
+
+def schedule_changes(saved_config: dict, cfg: Config) -> list[str]:
+    """``key: old -> new`` for each LR/WD schedule setting that differs from the checkpoint's config."""
+    now = cfg.to_dict()
+    changes = []
+    for key in SCHEDULE_KEYS:
+        section, name = key.split(".")
+        old, new = (saved_config.get(section) or {}).get(name), now[section][name]
+        if section in saved_config and old != new:
+            changes.append(f"{key}: {old} -> {new}")
+    return changes

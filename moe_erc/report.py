@@ -23,10 +23,34 @@ from typing import Optional
 import yaml
 
 from moe_erc.errors import UserError
+from moe_erc.outputs import check_output_dir
 
 
 # The post-hoc ERC loss at alpha=1 (clean router rows), mean over layers, as the trainer logs it on evaluation.
 POSTHOC_ERC = "erc_loss_posthoc"
+
+
+def read_records(metrics: Path) -> list[dict]:
+    """The records of a ``metrics.jsonl``. A half-written last line (the run is still writing) is skipped;
+    anything else that is not a JSON record, or no record at all, is a one-line error."""
+    lines = metrics.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                continue  # a running job's last line, not yet complete
+            raise UserError(f"{metrics}: line {number} is not JSON; is this a metrics file written by "
+                            f"moe-erc train?") from None
+        if not isinstance(record, dict) or "step" not in record or "split" not in record:
+            raise UserError(f"{metrics}: line {number} is not a moe-erc metrics record (no step/split)")
+        records.append(record)
+    if not records:
+        raise UserError(f"{metrics} has no records yet; report a run once it has logged a step")
+    return records
 
 
 class Run:
@@ -37,7 +61,7 @@ class Run:
         if not metrics.is_file():
             raise UserError(f"{path} has no metrics.jsonl; pass run directories written by moe-erc train")
         self.path, self.name = path, path.name
-        self.records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        self.records = read_records(metrics)
         config = path / "config.yaml"
         self.config = yaml.safe_load(config.read_text()) if config.is_file() else {}
         self._split_cache: dict[str, dict[int, dict]] = {}
@@ -307,6 +331,8 @@ def main(argv: list[str]) -> int:
     parser.add_argument("run_dirs", nargs="+", help="one or more run directories (logging.run_dir)")
     parser.add_argument("--out", default=None, help="output directory (default: RUN_DIR/report, or ./report)")
     args = parser.parse_args(argv)
+    if args.out:
+        check_output_dir(args.out)
     report = write_report(args.run_dirs, args.out)
     print(f"wrote {report} and {len(list(report.parent.glob('*.png')))} figures in {report.parent}")
     return 0

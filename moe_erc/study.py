@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from moe_erc.outputs import check_output_dir
+
 # name -> (label, overrides). Same model, data order (the seed) and token budget for all.
 METHODS = {
     "vanilla": ("vanilla (aux loss 0.01)", []),
@@ -401,6 +403,9 @@ def write_report(results, config: str, extra: list[str], seeds: list[int], out: 
 # ---------------------------------------------------------------------------------------------- command
 
 
+RUNS_DEFAULT = "runs/study"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moe-erc study", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="configs/study.yaml")
@@ -411,20 +416,33 @@ def main(argv=None) -> int:
                         help="compare AdamW, Muon and the symmetric stack with vanilla and ERC routing "
                              "(methods " + ",".join(OPTIMIZER_METHODS) + "; default --out docs/optimizers)")
     parser.add_argument("--seeds", default=None, help="comma list (default: 3 seeds; --quick: 1)")
-    parser.add_argument("--runs", default="runs/study", help="where the runs go (resumable)")
-    parser.add_argument("--out", default=None, help="where README.md and the figures go (default docs/study)")
+    parser.add_argument("--runs", default=RUNS_DEFAULT, help="where the runs go (resumable; --quick: runs/study-quick)")
+    parser.add_argument("--out", default=None, help="where README.md and the figures go (default docs/study; "
+                                                   "--quick: <runs>/report)")
     parser.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
                         help="config overrides for every run (e.g. a smaller model)")
     args = parser.parse_args(argv)
     from moe_erc.errors import ConfigError
 
     default = OPTIMIZER_METHODS if args.optimizers else ROUTING_METHODS
-    methods = [m for m in args.methods.split(",") if m] if args.methods else default
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else default
+    if not methods:
+        raise ConfigError(f"--methods '{args.methods}' names no method; choose from {', '.join(METHODS)}")
+    if args.quick:  # a smoke run: its own runs (60-step schedules a full study must not resume) and report
+        args.runs = args.runs if args.runs != RUNS_DEFAULT else RUNS_DEFAULT + "-quick"
+        args.out = args.out or str(Path(args.runs) / "report")
     args.out = args.out or ("docs/optimizers" if args.optimizers else "docs/study")
+    check_output_dir(args.out)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ConfigError(f"unknown study method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(SEEDS[:1] if args.quick else SEEDS)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds is not None else \
+            list(SEEDS[:1] if args.quick else SEEDS)
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise ConfigError(f"--seeds '{args.seeds}' must be comma-separated integers, e.g. 1234,2345")
     extra = [*(QUICK if args.quick else []), *args.set]
     runs = run_all(args.config, methods, seeds, Path(args.runs), extra)
     results = {m: [measure(args.config, m, runs[(m, s)], extra) for s in seeds] for m in methods}

@@ -38,7 +38,8 @@ from moe_erc.metrics import MetricsWriter, Progress, clear_moe_layer_metrics, mo
 from moe_erc.layers.kernels import detect as detect_kernels
 from moe_erc.model import (build_model, compile_layers, count_parameters, padded_vocab_size, resolve_precision,
                            transformer_config)
-from moe_erc.optim import build_optimizer, build_scheduler, describe as describe_optimizer, wrap_ddp
+from moe_erc.optim import (build_optimizer, build_scheduler, describe as describe_optimizer, schedule_changes,
+                           wrap_ddp)
 
 from megatron.core import parallel_state  # noqa: E402  (importable: moe_erc.compat ran first)
 from megatron.core.distributed import finalize_model_grads  # noqa: E402
@@ -255,6 +256,11 @@ class Trainer:
             rng = "RNG states restored" if state.get("restored_rng") else \
                 "RNG states not restored: saved in another layout"
             self._say(f"resumed from {source} at step {self.step} ({rng})")
+            changes = schedule_changes(state.get("config") or {}, cfg)
+            if changes:
+                self._say(f"moe-erc: the LR/WD schedule follows this config, which differs from the checkpoint's "
+                          f"({'; '.join(changes)}); the learning rate continues from step {self.step} on the new "
+                          f"schedule")
         elif cfg.checkpoint.load:
             step_dir = checkpoint.on_rank0(lambda: checkpoint.resolve(cfg.checkpoint.load))
             checkpoint.load(step_dir, self.model)

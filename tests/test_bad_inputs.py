@@ -47,6 +47,9 @@ def files(tiny_corpus, tmp_path_factory):
     (root / "empty.txt").write_text("   \n\n")
     (root / "text.txt").write_text("to be or not to be\n")
     (root / "record.jsonl").write_text('{"content": "hello"}\n')
+    for name, text in (("garbage", "not json at all\n{\"step\": 1, \"split\": \"train\"}\n"), ("empty", "")):
+        (root / f"run_{name}").mkdir()
+        (root / f"run_{name}" / "metrics.jsonl").write_text(text)
     broken_ckpt = root / "ckpt" / "step_0000001"
     broken_ckpt.mkdir(parents=True)
     (broken_ckpt / "moe_erc.json").write_text("{}")
@@ -144,6 +147,21 @@ CASES = {
                             "text"),
     "analyze nothing": (("analyze", ["{root}/nothing"]), "no complete checkpoint"),
     "plan without world size": (("plan", ["configs/tiny.yaml"]), "no world size"),
+    # -- outputs and command arguments (issue 21)
+    "analyze negative alpha": (("analyze", ["{root}/ckpt", "--alphas", "1,-0.5"]), "must be comma-separated numbers >= 0"),
+    "analyze nan alpha": (("analyze", ["{root}/ckpt", "--alphas", "nan"]), "numbers >= 0"),
+    "analyze out is a file": (("analyze", ["{root}/ckpt", "--out", "{root}/a_file"]), "is a file; give a directory"),
+    "report out is a file": (("report", ["{root}/run_garbage", "--out", "{root}/a_file"]), "is a file"),
+    "report garbage metrics": (("report", ["{root}/run_garbage"]), "line 1 is not JSON"),
+    "report empty metrics": (("report", ["{root}/run_empty"]), "has no records yet"),
+    "export into non-empty": (("export", ["{root}/ckpt", "--out", "{root}"]), "is not empty; give a new directory"),
+    "export out is a file": (("export", ["{root}/ckpt", "--out", "{root}/a_file"]), "is a file"),
+    "export shard size": (("export", ["{root}/ckpt", "--out", "{root}/new_export", "--max-shard-size", "lots"]),
+                          "--max-shard-size 'lots'"),
+    "preprocess out under a file": (("preprocess", ["--input", "{root}/text.txt", "--output-prefix",
+                                                    "{root}/a_file/o"]), "is a file"),
+    "study seeds": (("study", ["--seeds", "abc"]), "--seeds 'abc' must be comma-separated integers"),
+    "study no methods": (("study", ["--methods", ","]), "names no method"),
     "plan world size 0": (("plan", ["configs/tiny.yaml", "--world-size", "0"]), "--world-size 0 must be >= 1"),
     "plan world size negative": (("plan", ["configs/tiny.yaml", "--world-size", "-8"]), "--world-size -8 must be"),
     "plan without vocab": (("plan", ["configs/tiny.yaml", "--world-size", "1"]), "model.vocab_size is not set"),
@@ -173,3 +191,10 @@ def test_bad_input_is_one_line_and_exit_code_2(name, files, capsys, tmp_path, mo
     last = lines[-1]
     assert last.startswith(("moe-erc: error:", "preprocess: error:")), last
     assert expected.format(**fill) in last, last
+
+
+@pytest.mark.parametrize("argv", [["--debug", "plan"], ["plan", "--debug"]])
+def test_debug_goes_before_or_after_the_command(argv, capsys, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    assert cli_main([*argv, "configs/tiny.yaml", "--world-size", "1", "model.vocab_size=512", "--json"]) == 0
+    assert '"world_size": 1' in capsys.readouterr().out

@@ -136,3 +136,26 @@ def test_the_architecture_follows_the_routing(overrides, arch_or_message):
         with pytest.raises(ExportError, match="cannot export to transformers") as err:
             architecture(cfg)
         assert arch_or_message in str(err.value)
+
+
+def test_an_export_replaces_a_directory_only_when_complete(topk_run, tmp_path, monkeypatch):
+    """A non-empty --out needs --force; an export that fails half-way leaves the earlier one as it was."""
+    from moe_erc import export as export_module
+
+    out = tmp_path / "hf"
+    assert export(topk_run / "checkpoints", out).returncode == 0
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    refused = export(topk_run / "checkpoints", out)
+    assert refused.returncode == 2 and "is not empty" in refused.stderr.strip().splitlines()[-1]
+
+    def fail(*_args, **_kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_module, "save_tokenizer", fail)  # fails after the weights were written
+    with pytest.raises(OSError):
+        export_module.export(str(topk_run / "checkpoints"), str(out), "fp32", None, "5GB")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".hf.")]  # no staging left behind
+    monkeypatch.undo()
+    forced = export(topk_run / "checkpoints", out, "--force")
+    assert forced.returncode == 0 and (out / "config.json").is_file()

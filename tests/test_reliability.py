@@ -116,6 +116,10 @@ def test_non_finite_loss_policies(tiny_corpus, tmp_path, policy):
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused_in_one_line(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
     train(run_dir, tiny_corpus, "training.train_iters=1")
+    # raising train_iters on a finished run: it continues, on the new schedule, and says so
+    longer = train(run_dir, tiny_corpus, "training.train_iters=2")
+    assert "training.train_iters: 1 -> 2" in longer.stdout and "at step 1" in longer.stdout, longer.stdout[-2000:]
+    assert "torch.distributed.checkpoint" not in longer.stderr  # DCP's load-time warnings are filtered
     other = tmp_path / "other"
     proc = train(other, tiny_corpus, "training.train_iters=1", "moe.num_experts=8",
                  f"checkpoint.load={run_dir / 'checkpoints'}", expect_success=False, debug=False)

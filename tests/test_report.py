@@ -207,3 +207,13 @@ def test_report_says_when_no_step_was_validated_by_every_run_and_takes_repeated_
     assert rows["a"]["compared at step"] == "5" and float(rows["a"]["valid loss"]) == pytest.approx(3.5)
     assert float(rows["a"]["train loss (mean)"]) == pytest.approx(4.5)
     assert rows["b"]["compared at step"] == "4" and float(rows["b"]["valid loss"]) == pytest.approx(4.2)
+
+
+def test_a_running_jobs_half_written_last_line_is_skipped(tmp_path):
+    from moe_erc.report import Run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text('{"step": 1, "split": "train", "lm_loss": 6.0}\n'
+                                       '{"step": 2, "split": "train", "lm_loss": 5.9}\n{"step": 3, "spl')
+    assert [r["step"] for r in Run(run).records] == [1, 2]

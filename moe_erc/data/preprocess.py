@@ -37,6 +37,7 @@ import numpy
 
 from moe_erc.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_path_for, train_bpe
 from moe_erc.errors import DataError, UserError
+from moe_erc.outputs import check_output_dir
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; print a one-paragraph summary. Returns the exit code."""
     args = build_parser().parse_args(argv)
     try:
+        check_output_dir(Path(args.output_prefix).parent, option=f"--output-prefix {args.output_prefix}:")
         report = run_preprocess(
             args.input, args.output_prefix, args.json_keys, args.tokenizer, args.vocab_size, args.workers, args.append_eod
         )
