@@ -29,10 +29,9 @@ Every other tensor counts as a device tensor.
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import traceback
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -176,10 +175,10 @@ class _Tracker:
         return self.parts[-1] if self.parts else "other"
 
     def phase_now(self) -> str:
-        if self.phase == "forward" and torch._C._current_graph_task_id() != -1:
+        """``fwd_bwd`` is the schedule outside the forward step: its backward passes, else gradient reduction."""
+        if torch._C._current_graph_task_id() != -1:
             return "backward"
-        return "backward" if self.phase == "fwd_bwd" and torch._C._current_graph_task_id() != -1 else (
-            "rest" if self.phase == "fwd_bwd" else self.phase)
+        return "rest" if self.phase == "fwd_bwd" else self.phase
 
     def launch(self) -> None:
         self.count.launches[(self.phase_now(), self.part_now())] += 1
@@ -469,10 +468,20 @@ def count_calls(fn, *args, host=(), **kwargs) -> StepCount:
     return count
 
 
+def _in_phase(tracker: _Tracker, phase: str, fn):
+    """``fn`` with the tracker's phase set to ``phase`` while it runs."""
+
+    def wrapped(*args, **kwargs):
+        previous, tracker.phase = tracker.phase, phase
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            tracker.phase = previous
+    return wrapped
+
+
 def count_trainer_step(trainer, label: str = "") -> StepCount:
     """Run ``trainer.train_step`` once under the counters (the caller warmed it up); advance its step."""
-    from moe_erc.config import data_parallel_size
-
     cfg = trainer.cfg
     moe_layers = sum(1 for chunk in trainer.model for m in chunk.modules() if hasattr(m, "token_dispatcher"))
     count = StepCount(moe_layers=max(moe_layers, 1), micro_batches=trainer.num_microbatches, label=label)
@@ -484,30 +493,9 @@ def count_trainer_step(trainer, label: str = "") -> StepCount:
             if str(getattr(dispatcher, "permute_idx_device", "")) == "cpu":
                 tracker.mark_host([dispatcher.sort_input_by_local_experts, dispatcher.restore_output_by_local_experts])
     parts = _Parts(tracker, trainer.model, trainer.monitor)
-    forward_step, step_fn = trainer._forward_step, trainer.optimizer.step
-
-    def counted_forward(*args, **kwargs):
-        previous, tracker.phase = tracker.phase, "forward"
-        try:
-            return forward_step(*args, **kwargs)
-        finally:
-            tracker.phase = previous
-
-    def counted_optimizer_step(*args, **kwargs):
-        previous, tracker.phase = tracker.phase, "optimizer"
-        try:
-            return step_fn(*args, **kwargs)
-        finally:
-            tracker.phase = previous
-
-    fwd_bwd = trainer.forward_backward
-
-    def counted_forward_backward(*args, **kwargs):
-        previous, tracker.phase = tracker.phase, "fwd_bwd"
-        try:
-            return fwd_bwd(*args, **kwargs)
-        finally:
-            tracker.phase = previous
+    counted_forward = _in_phase(tracker, "forward", trainer._forward_step)
+    counted_optimizer_step = _in_phase(tracker, "optimizer", trainer.optimizer.step)
+    counted_forward_backward = _in_phase(tracker, "fwd_bwd", trainer.forward_backward)
 
     trainer._forward_step = counted_forward
     trainer.optimizer.step = counted_optimizer_step
@@ -526,7 +514,6 @@ def count_trainer_step(trainer, label: str = "") -> StepCount:
         undo_moves()
     trainer.step += 1
     trainer.consumed_samples += cfg.training.global_batch_size
-    del data_parallel_size
     return count
 
 
@@ -607,7 +594,3 @@ def format_table(counts: list[StepCount]) -> str:
 
 def scratch_dir() -> str:
     return tempfile.mkdtemp(prefix="moe-erc-budget-")
-
-
-if __name__ == "__main__":  # pragma: no cover - use benchmarks/step_budget.py
-    sys.exit("run: python benchmarks/step_budget.py")

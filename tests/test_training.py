@@ -83,3 +83,36 @@ def test_a_one_process_checkpoint_with_optimizer_state_resumes_under_ep2(tiny_co
     train(moved, tiny_corpus, "training.train_iters=4", "parallel.expert_model_parallel_size=2", nproc=2)
     for step in (3, 4):
         assert losses(moved)[step] == pytest.approx(losses(straight)[step], rel=2e-5)
+
+
+COMBINED = {  # every 4-rank layout the 3B/15B configs combine, each with ERC on and grouped experts
+    "tp2-ep2": "parallel.tensor_model_parallel_size=2,parallel.expert_model_parallel_size=2",
+    "pp2-ep2": "parallel.pipeline_model_parallel_size=2,parallel.expert_model_parallel_size=2",
+    "dp4-ep2": "parallel.expert_model_parallel_size=2",  # expert data parallelism: 2 replicas of each expert
+    "ep4": "parallel.expert_model_parallel_size=4",
+}
+
+
+def test_combined_four_process_layouts_match_one_process(reference, tmp_path):
+    """From the same vanilla checkpoint, loaded with ERC at alpha=0.5 (so its loss is not zero) and grouped
+    experts, TP2xEP2, PP2xEP2, DP4xEP2 and EP4 log one process's LM and ERC losses over 2 steps. All four run
+    in one 4-process launch (tests/workers/combined_layouts.py; gloo's uneven all-gather is handled by the
+    CPU compat layer)."""
+    from launch import _run, _torchrun, REPO
+
+    common = ["training.train_iters=2", "training.resume=none", "training.micro_batch_size=2",
+              "training.eval_iters=0", "erc.enabled=true", "erc.alpha=0.5", "moe.moe_grouped_gemm=true",
+              f"checkpoint.load={reference / 'checkpoints'}"]
+    single = tmp_path / "single"
+    train(single, str(_prefix(reference)), *common)
+    layouts = [f"{name}:{','.join(common)},{overrides}" for name, overrides in COMBINED.items()]
+    _run([*_torchrun(4), str(REPO / "tests" / "workers" / "combined_layouts.py"), str(_prefix(reference)),
+          str(tmp_path), *layouts], REPO, 4, 600, True)
+    one = {r["step"]: r for r in records(single)}
+    assert all(one[s]["erc_loss"] > 0 for s in (1, 2)), one
+    for name in COMBINED:
+        got = {r["step"]: r for r in records(tmp_path / name)}
+        assert got.keys() == {1, 2}, (name, got)
+        for step in (1, 2):
+            for key in ("lm_loss", "erc_loss"):
+                assert got[step][key] == pytest.approx(one[step][key], rel=2e-5, abs=1e-7), (name, step, key)

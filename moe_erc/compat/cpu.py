@@ -174,12 +174,49 @@ _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "rand", "ran
               "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor")
 
 
+class _DistributedOnCpu(types.ModuleType):
+    """``torch.distributed`` as the listed megatron modules see it. Gloo refuses an all-gather of pieces of
+    different sizes ("invalid tensor size") and has no reduce-scatter of a list; megatron uses both for the
+    uneven token counts of TP x EP dispatch (NCCL takes them). Uneven pieces are padded to the largest,
+    exchanged with the collectives gloo has, and cut back; even ones go to torch unchanged."""
+
+    def __init__(self):
+        super().__init__("torch.distributed (moe-erc CPU view)")
+
+    def __getattr__(self, name):
+        return getattr(torch.distributed, name)
+
+    @staticmethod
+    def all_gather(tensor_list, tensor, group=None, async_op=False):
+        if len({tuple(t.shape) for t in tensor_list} | {tuple(tensor.shape)}) == 1:
+            return torch.distributed.all_gather(tensor_list, tensor, group=group, async_op=async_op)
+        rows = max(t.shape[0] for t in tensor_list)
+        padded = tensor.new_zeros((rows, *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor
+        gathered = [torch.empty_like(padded) for _ in tensor_list]
+        torch.distributed.all_gather(gathered, padded, group=group)
+        for out, piece in zip(tensor_list, gathered):
+            out.copy_(piece[: out.shape[0]])
+        return None
+
+    @staticmethod
+    def reduce_scatter(output, input_list, op=torch.distributed.ReduceOp.SUM, group=None, async_op=False):
+        rows = max(t.shape[0] for t in input_list)
+        stacked = input_list[0].new_zeros((len(input_list), rows, *input_list[0].shape[1:]))
+        for i, piece in enumerate(input_list):
+            stacked[i, : piece.shape[0]] = piece
+        torch.distributed.all_reduce(stacked, op=op, group=group)
+        output.copy_(stacked[torch.distributed.get_rank(group)][: output.shape[0]])
+        return None
+
+
 class _TorchOnCpu(types.ModuleType):
     """``torch`` as the listed megatron modules see it: the real one except for the CUDA parts."""
 
     def __init__(self):
         super().__init__("torch (moe-erc CPU view)")
         self.cuda = _CudaOnCpu()
+        self.distributed = _DistributedOnCpu()
         for name in _FACTORIES:
             setattr(self, name, _cpu_factory(getattr(torch, name)))
 
@@ -201,7 +238,9 @@ MODULES_SEEING_CPU_TORCH: dict[str, str] = {
     "megatron.core.utils": "GlobalMemoryBuffer and local multi-tensor l2 norm allocate on "
                            "torch.cuda.current_device() / device='cuda'",
     "megatron.core.tensor_parallel.layers": "weight init and SP all-gather buffers on current_device()",
-    "megatron.core.tensor_parallel.mappings": "gather/scatter output buffers on current_device()",
+    "megatron.core.tensor_parallel.mappings": "gather/scatter output buffers on current_device(); uneven "
+                                              "all-gather / reduce-scatter pieces (TP x EP dispatch), which gloo "
+                                              "refuses",
     "megatron.core.tensor_parallel.random": "RNG tracker seeds and reads CUDA generator states (manual_seed, "
                                             "get_rng_state)",
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq moved to current_device()",
