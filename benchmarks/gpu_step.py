@@ -147,6 +147,8 @@ class Deadline:
 
     def fits(self, cost: float, wanted: int) -> int:
         """How many repeats of something costing ``cost`` s fit in what is left (at most ``wanted``)."""
+        if self.seconds == float("inf"):
+            return wanted
         return max(0, min(wanted, int(self.left() // max(cost, 1e-9))))
 
 

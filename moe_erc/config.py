@@ -290,8 +290,8 @@ def _value_problems(cfg: Config):
         yield f"optimizer.lr_warmup_iters={o.lr_warmup_iters} must be >= 0"
     if o.clip_grad < 0:
         yield f"optimizer.clip_grad={o.clip_grad} must be >= 0 (0 disables clipping)"
-    if o.lr <= 0:
-        yield f"optimizer.lr={o.lr} must be > 0"
+    if o.lr < 0:
+        yield f"optimizer.lr={o.lr} must be >= 0"
     if o.weight_decay < 0:
         yield f"optimizer.weight_decay={o.weight_decay} must be >= 0"
     for key in ("adam_beta1", "adam_beta2", "muon_momentum"):
