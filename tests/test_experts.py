@@ -109,3 +109,23 @@ def test_expert_tensor_parallel_grouped_experts_match_one_process_and_save(seque
     for step in (1, 2):
         assert two[step] == pytest.approx(one[step], rel=2e-5), (one, two)
     assert (double / "checkpoints" / "step_0000002" / "metadata.json").is_file()
+
+
+def test_an_unaligned_width_takes_the_loop_and_warns_once():
+    """Rows that are not 16-byte aligned cannot use the grouped kernel: same result, one warning per shape."""
+    import warnings
+
+    from moe_erc.compat import prepare_runtime
+
+    prepare_runtime("cpu")
+    from moe_erc.layers import experts
+
+    g = torch.Generator().manual_seed(0)
+    tokens, weights = torch.randn(7, 5, generator=g), torch.randn(3, 6, 5, generator=g)  # k=5: 20-byte rows
+    offsets = torch.tensor([2, 2, 7], dtype=torch.int32)
+    expected = torch.cat([tokens[:2] @ weights[0].t(), tokens[2:2] @ weights[1].t(), tokens[2:] @ weights[2].t()])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            assert torch.allclose(experts.grouped_mm(tokens, weights, offsets), expected, atol=1e-6)
+    assert len([w for w in caught if "not 16-byte aligned" in str(w.message)]) == 1
