@@ -131,6 +131,7 @@ class Plan:
     method_costs: dict              # per method at these shapes: FLOPs per GPU per step, activations
     flop_assumptions: list
     optimizer: dict                 # optimizer_cost(): state, Newton-Schulz TFLOP and workspace per rank
+    distributed_optimizer: bool = False  # parallel.use_distributed_optimizer (AdamW state sharded over DP)
 
 
 def make_plan(cfg: Config, world_size: int) -> Plan:
@@ -168,6 +169,12 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         memory["optimizer_distributed"] = float("nan")  # replicated state only (see check_layout)
     memory["total"] = memory["weights"] + memory["gradients"] + memory["optimizer"]
     memory["total_distributed_optimizer"] = memory["weights"] + memory["gradients"] + memory["optimizer_distributed"]
+    # The headline: the optimizer this config runs, plus one micro-batch of activations (a PP schedule keeps up
+    # to PP micro-batches in flight on the first stage).
+    in_use = memory["total_distributed_optimizer"] if p.use_distributed_optimizer and cfg.optimizer.name == "adamw" \
+        else memory["total"]
+    memory["per_gpu_total"] = in_use + min(pp, t.global_batch_size // (t.micro_batch_size * dp) or 1) \
+        * activation_bytes(cfg) / GiB
     per_method = method_flops(cfg, world_size)
     erc = per_method["ERC"]  # what ERC costs, or would cost in a top-k twin of this config
     has_router = moe.router == "topk"
@@ -203,6 +210,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         flop_assumptions=erc.assumptions.lines() + [
             line for label in ("AoE", "K-Means") for line in per_method[label].assumptions.notes],
         optimizer={k: (round(v, 6) if isinstance(v, float) else v) for k, v in opt.items()},
+        distributed_optimizer=p.use_distributed_optimizer and cfg.optimizer.name == "adamw",
     )
 
 
@@ -297,6 +305,10 @@ def _pct(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{100 * value:.3f} %"
 
 
+def _optimizer_in_use(plan: Plan) -> str:
+    return f"{plan.optimizer['name']}{', distributed' if plan.distributed_optimizer else ''}"
+
+
 def _optimizer_line(o: dict) -> str:
     if o["name"] == "adamw":
         return f"AdamW: {o['state_gib']:.2f} GiB of state per rank (fp32 moments + master weights)"
@@ -319,6 +331,8 @@ def print_plan(plan: Plan) -> None:
                                            f"{c['router'] / 1e6:.2f} M"),
         ("  embedding / output layer", f"{c['embedding'] / 1e6:.0f} M / {c['output'] / 1e6:.0f} M"),
         ("parameters on the busiest rank", f"{plan.per_rank_params / 1e6:.0f} M"),
+        ("per-GPU total (est.)", f"{plan.memory_gib['per_gpu_total']:.2f} GiB: weights, gradients and the state of "
+                                 f"the optimizer this config uses ({_optimizer_in_use(plan)}), plus activations"),
         ("weights + grads + optimizer per rank", f"{plan.memory_gib['weights']:.2f} + "
          f"{plan.memory_gib['gradients']:.2f} + {plan.memory_gib['optimizer']:.2f} = {plan.memory_gib['total']:.2f} GiB"),
         ("  with the distributed optimizer", f"Adam {plan.memory_gib['optimizer_distributed']:.2f} GiB, total "

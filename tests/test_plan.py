@@ -45,6 +45,10 @@ def test_plan_matches_the_papers_sizes_and_erc_share(config, total, active, shar
     assert plan["method_costs"]["ERC"]["erc_tflop"] == pytest.approx(erc / 1e12, rel=1e-12)
     assert plan["method_costs"]["top-k / aux-free"]["erc_tflop"] == 0
     assert plan["memory_gib"]["total_distributed_optimizer"] < plan["memory_gib"]["total"]
+    # the headline follows the config: both configs use the distributed optimizer, plus activations
+    assert plan["distributed_optimizer"] is True
+    assert plan["memory_gib"]["per_gpu_total"] == pytest.approx(
+        plan["memory_gib"]["total_distributed_optimizer"] + plan["activation_gib_per_microbatch"], abs=2e-3)
     assert plan["activation_gib_per_microbatch"] > 0 and plan["flops_per_token"] > 6 * plan["active_params"]
     assert any("input embedding" in line for line in plan["flop_assumptions"])
 
