@@ -6,13 +6,11 @@ torch-DCP files (no model, no moe-erc loading code) and evaluates `erc.erc_loss(
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from launch import train
+from launch import cli, train
 
 
 def test_analyze_of_a_grouped_gemm_ep2_checkpoint_equals_erc_loss_on_its_tensors(tiny_corpus, tmp_path):
@@ -23,8 +21,7 @@ def test_analyze_of_a_grouped_gemm_ep2_checkpoint_equals_erc_loss_on_its_tensors
     run = tmp_path / "run"
     train(run, tiny_corpus, "training.train_iters=2", "erc.enabled=true", "moe.moe_grouped_gemm=true",
           "parallel.expert_model_parallel_size=2", nproc=2)
-    proc = subprocess.run([sys.executable, "-m", "moe_erc", "analyze", str(run / "checkpoints"), "--json",
-                           "--alphas", "0.5,1,2"], capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    proc = cli("analyze", str(run / "checkpoints"), "--json", "--alphas", "0.5,1,2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -53,8 +50,7 @@ def test_every_method_with_a_router_matrix_logs_eps_and_the_posthoc_erc_loss(tin
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     final = [r for r in records if r["split"] == "valid"][-1]
     assert all(r["eps_mean"] > 0 for r in records if r["split"] == "train")
-    proc = subprocess.run([sys.executable, "-m", "moe_erc", "analyze", str(run / "checkpoints"), "--json",
-                           "--alphas", "1"], capture_output=True, text=True, cwd=tmp_path, timeout=240)
+    proc = cli("analyze", str(run / "checkpoints"), "--json", "--alphas", "1", cwd=tmp_path)
     analysis = json.loads(proc.stdout.strip().splitlines()[-1])["layers"]
     for layer, logged in enumerate(final["erc_loss_posthoc_per_layer"]):
         assert logged == pytest.approx(analysis[str(layer + 1)]["erc_loss"]["1.0"], rel=1e-5, abs=1e-9)

@@ -1,15 +1,10 @@
 """The benchmarks run end to end (small, on CPU) and print every row of their tables."""
 
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
+from launch import REPO, run_script
 
 
 def test_gpu_step_benchmark_prints_its_table_on_cpu():
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_step.py"), "--preset", "cpu",
-                           "--repeats", "2"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_script(REPO / "benchmarks" / "gpu_step.py", "--preset", "cpu", "--repeats", "2")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
     for measure in ("tokens/s", "MFU", "peak memory", "ERC on/off step time"):
@@ -19,9 +14,8 @@ def test_gpu_step_benchmark_prints_its_table_on_cpu():
 
 
 def test_optimizer_benchmark_prints_a_row_per_optimizer():
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "optimizer_step.py"), "--config",
-                           "configs/tiny.yaml", "--repeats", "1", "--set", "model.num_layers=1"],
-                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    proc = run_script(REPO / "benchmarks" / "optimizer_step.py", "--config", "configs/tiny.yaml", "--repeats", "1",
+                      "--set", "model.num_layers=1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
     assert {"adamw", "muon", "symmetric"} <= set(rows), proc.stdout

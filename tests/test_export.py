@@ -2,13 +2,12 @@
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from launch import REPO, train
+from launch import REPO, cli, train
 
 pytest.importorskip("transformers")  # installed by scripts/setup_env.sh; the check names it if missing
 
@@ -26,8 +25,7 @@ def moe_erc_logits(checkpoint: Path) -> torch.Tensor:
 
 
 def export(checkpoint: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "moe_erc", "export", str(checkpoint), "--out", str(out), *args],
-                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    return cli("export", str(checkpoint), "--out", str(out), *args)
 
 
 def hf_logits(out: Path) -> tuple[torch.Tensor, object]:

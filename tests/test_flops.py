@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,8 +21,9 @@ def _benchmark():
 
 
 def _plan_json(config: str) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "moe_erc", "plan", config, "--json"], capture_output=True,
-                          text=True, cwd=REPO, timeout=240)
+    from launch import cli
+
+    proc = cli("plan", config, "--json")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

@@ -1,8 +1,6 @@
 """`moe-erc plan` on the paper's configs, layout refusals, and the GPU/CPU spec selection."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,8 +9,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _plan(*args):
-    return subprocess.run([sys.executable, "-m", "moe_erc", "plan", *args], capture_output=True, text=True,
-                          cwd=REPO, timeout=240)
+    from launch import cli
+
+    return cli("plan", *args)
 
 
 TOKENS = 768 * 4096  # global batch x sequence length of both paper configs

@@ -79,10 +79,8 @@ def test_corrupt_latest_is_detected_and_auto_resume_falls_back(tiny_corpus, tmp_
     ckpt = run_dir / "checkpoints"
     shard = next((ckpt / "step_0000004").glob("*.distcp"))
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # truncated shard
-    explicit = subprocess.run([sys.executable, "-m", "moe_erc", "train", *TINY, f"data.data_path={tiny_corpus}",
-                               f"logging.run_dir={run_dir}", "training.train_iters=6",
-                               f"training.resume={ckpt / 'step_0000004'}"],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    explicit = train(run_dir, tiny_corpus, "training.train_iters=6", f"training.resume={ckpt / 'step_0000004'}",
+                     expect_success=False, debug=False)
     assert explicit.returncode == 2
     assert "is truncated" in explicit.stderr.strip().splitlines()[-1] and "Traceback" not in explicit.stderr
     result = train(run_dir, tiny_corpus, "training.train_iters=6")
@@ -95,10 +93,8 @@ def test_non_finite_loss_policies(tiny_corpus, tmp_path, policy):
     from moe_erc.trainer import NAN_TEST_ENV
 
     run_dir = tmp_path / policy
-    cmd = [sys.executable, "-m", "moe_erc", "train", *TINY, f"data.data_path={tiny_corpus}",
-           f"logging.run_dir={run_dir}", "training.train_iters=4", f"training.nan_policy={policy}"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180,
-                          env={**os.environ, NAN_TEST_ENV: "1"})  # the loss of the 2nd step is NaN
+    proc = train(run_dir, tiny_corpus, "training.train_iters=4", f"training.nan_policy={policy}",
+                 expect_success=False, debug=False, env={NAN_TEST_ENV: "1"})  # the loss of the 2nd step is NaN
     if policy == "skip":
         assert proc.returncode == 0, proc.stderr[-2000:]
         rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
@@ -131,15 +127,12 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused_in_one_line(tiny_co
 def test_stopping_on_a_non_finite_step_with_pp2_and_erc_does_not_hang(tiny_corpus, tmp_path):
     """The stop path reduces the ERC statistics over the pipeline group: every rank must join (a rank
     that skipped the collective left the other waiting until the timeout)."""
-    from launch import _torchrun
     from moe_erc.trainer import NAN_TEST_ENV
 
     run_dir = tmp_path / "pp2"
-    cmd = [*_torchrun(2), "-m", "moe_erc.train", *TINY, f"data.data_path={tiny_corpus}",
-           f"logging.run_dir={run_dir}", "training.train_iters=4", "training.nan_policy=stop",
-           "erc.enabled=true", "parallel.pipeline_model_parallel_size=2"]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=150,
-                          env={**os.environ, NAN_TEST_ENV: "1", "OMP_NUM_THREADS": "1"})
+    proc = train(run_dir, tiny_corpus, "training.train_iters=4", "training.nan_policy=stop", "erc.enabled=true",
+                 "parallel.pipeline_model_parallel_size=2", nproc=2, timeout=150, expect_success=False,
+                 env={NAN_TEST_ENV: "1"})
     assert proc.returncode != 0
     diagnostic = json.loads((run_dir / "nan_diagnostic_step2.json").read_text())
     assert diagnostic["step"] == 2 and "erc" in diagnostic

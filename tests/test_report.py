@@ -2,13 +2,11 @@
 hand-written metrics."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from launch import records, train
+from launch import cli, records, train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -22,8 +20,7 @@ def erc_run(tiny_corpus, tmp_path_factory):
 
 
 def _cli(*args, cwd):
-    proc = subprocess.run([sys.executable, "-m", "moe_erc", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=240)
+    proc = cli(*args, cwd=cwd)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout
 

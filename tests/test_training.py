@@ -27,6 +27,18 @@ def test_single_process_run_lowers_the_loss_and_writes_its_outputs(reference):
     assert latest == "step_0000012" and (reference / "checkpoints" / latest / "metadata.json").is_file()
 
 
+def FROM_REFERENCE(reference: Path) -> list[str]:
+    return ["training.train_iters=2", "training.resume=none", f"checkpoint.load={reference / 'checkpoints'}"]
+
+
+@pytest.fixture(scope="module")
+def single_from_reference(reference, tmp_path_factory) -> Path:
+    """One process, 2 steps from the reference checkpoint: what every 2-process layout must log."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    train(run_dir, str(_prefix(reference)), *FROM_REFERENCE(reference))
+    return run_dir
+
+
 @pytest.mark.parametrize("layout", [
     [],                                                          # DP=2, experts replicated
     ["parallel.expert_model_parallel_size=2"],                   # EP=2 (and DP=2)
@@ -34,16 +46,12 @@ def test_single_process_run_lowers_the_loss_and_writes_its_outputs(reference):
     ["parallel.pipeline_model_parallel_size=2"],                 # PP=2, one layer per stage
     ["parallel.expert_model_parallel_size=2", "moe.moe_token_dispatcher_type=allgather"],
 ], ids=["dp2", "ep2", "tp2-sp", "pp2", "ep2-allgather"])
-def test_two_process_layouts_match_one_process(reference, tmp_path, layout):
+def test_two_process_layouts_match_one_process(reference, single_from_reference, tmp_path, layout):
     """Same weights (the reference checkpoint, resharded on load), same data: the first two steps' losses
     agree with one process. Step 1 checks the forward pass, step 2 the gradients and optimizer update."""
-    common = ["training.train_iters=2", "training.resume=none",
-              f"checkpoint.load={reference / 'checkpoints'}"]
-    single = tmp_path / "single"
-    train(single, str(_prefix(reference)), *common)
     double = tmp_path / "double"
-    train(double, str(_prefix(reference)), *common, *layout, nproc=2)
-    one, two = losses(single), losses(double)
+    train(double, str(_prefix(reference)), *FROM_REFERENCE(reference), *layout, nproc=2)
+    one, two = losses(single_from_reference), losses(double)
     assert one.keys() == two.keys() == {1, 2}
     for step in (1, 2):
         assert two[step] == pytest.approx(one[step], rel=2e-5), (step, one, two)
@@ -98,7 +106,7 @@ def test_combined_four_process_layouts_match_one_process(reference, tmp_path):
     experts, TP2xEP2, PP2xEP2, DP4xEP2 and EP4 log one process's LM and ERC losses over 2 steps. All four run
     in one 4-process launch (tests/workers/combined_layouts.py; gloo's uneven all-gather is handled by the
     CPU compat layer)."""
-    from launch import _run, _torchrun, REPO
+    from launch import run_worker
 
     common = ["training.train_iters=2", "training.resume=none", "training.micro_batch_size=2",
               "training.eval_iters=0", "erc.enabled=true", "erc.alpha=0.5", "moe.moe_grouped_gemm=true",
@@ -106,8 +114,7 @@ def test_combined_four_process_layouts_match_one_process(reference, tmp_path):
     single = tmp_path / "single"
     train(single, str(_prefix(reference)), *common)
     layouts = [f"{name}:{','.join(common)},{overrides}" for name, overrides in COMBINED.items()]
-    _run([*_torchrun(4), str(REPO / "tests" / "workers" / "combined_layouts.py"), str(_prefix(reference)),
-          str(tmp_path), *layouts], REPO, 4, 600, True)
+    run_worker("combined_layouts.py", str(_prefix(reference)), str(tmp_path), *layouts, nproc=4, timeout=600)
     one = {r["step"]: r for r in records(single)}
     assert all(one[s]["erc_loss"] > 0 for s in (1, 2)), one
     for name in COMBINED:
