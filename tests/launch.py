@@ -8,6 +8,8 @@ under torchrun vs 4.8 s). The code that runs is the user's: ``moe_erc.cli.main``
 process of its own with its own environment, working directory, stdout/stderr, exit code, and for N
 processes the variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR/PORT). Tests about the
 launchers themselves (restarts, signals, the scripts) use ``launcher="torchrun"`` or their own subprocess.
+With CUDA (the GPU tier) every launch is a plain subprocess / torchrun: a forkserver whose imports touched
+CUDA (transformer-engine's do) would hand its children a CUDA context they cannot use.
 """
 
 from __future__ import annotations
@@ -88,6 +90,12 @@ def _run(cmd, cwd, nproc, timeout, expect_success, env=None) -> subprocess.Compl
     return proc
 
 
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _forkserver():
     global _context
     if _context is None:
@@ -120,6 +128,12 @@ def _child(kind: str, argv: list[str], cwd: str, env: dict, out: str, err: str, 
 
 def _fork(kind, argv, cwd, nproc, timeout, expect_success, env=None) -> subprocess.CompletedProcess:
     """Run ``argv`` on ``nproc`` forked ranks; like torchrun, the others are stopped when one fails."""
+    if _cuda():
+        python = [sys.executable, *([] if kind == "script" else ["-m", "moe_erc"])]
+        if nproc > 1:
+            python = [*_torchrun(nproc), *([] if kind == "script" else ["-m", "moe_erc.train"])]
+            argv = argv[1:] if kind == "cli" else argv  # torchrun's entry point is `moe_erc.train`
+        return _run([*python, *argv], cwd, nproc, timeout, expect_success, env)
     ctx = _forkserver()
     base = {**os.environ, **(env or {})}
     threads = 1 if nproc > 1 else int(base.get("OMP_NUM_THREADS", "2"))
