@@ -82,6 +82,15 @@ class MoEConfig(_Group):
     kmeans_temperature: float = 1.0  # gates: softmax over the selected cosine similarities / temperature
     # Re-seed a centroid from a sampled token after this many updates without a token (0: never).
     kmeans_reseed_steps: int = 100
+    # Centroid update: `ema` (momentum above, once per step) or `running_mean` (each expert's centroid is the
+    # running average of every token routed to it: an expert with few tokens moves little).
+    kmeans_update: Literal["ema", "running_mean"] = "ema"
+    # Seed / re-seed sample drawn from this many sequences of the step's first micro-batch (1: one sequence).
+    kmeans_seed_sequences: int = 1
+    # Centre hidden states (subtract their running mean) before the cosine with the centroids.
+    kmeans_center: bool = False
+    # Gates carry gradient into the hidden states (false: the gates are constants for backward).
+    kmeans_gate_grad: bool = True
 
 
 class ERCConfig(_Group):
@@ -282,6 +291,8 @@ def _value_problems(cfg: Config):
         yield f"moe.kmeans_reseed_steps={moe.kmeans_reseed_steps} must be >= 0 (0 = never re-seed)"
     if not 0.0 <= moe.kmeans_momentum < 1.0:
         yield f"moe.kmeans_momentum={moe.kmeans_momentum} must be in [0, 1)"
+    if moe.kmeans_seed_sequences < 1:
+        yield f"moe.kmeans_seed_sequences={moe.kmeans_seed_sequences} must be >= 1"
     if moe.aoe_rank is not None and not 0 < moe.aoe_rank <= m.hidden_size:
         yield f"moe.aoe_rank={moe.aoe_rank} must be in 1..model.hidden_size={m.hidden_size}"
     if not 0.0 <= o.min_lr <= o.lr:

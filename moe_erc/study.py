@@ -25,6 +25,7 @@ from pathlib import Path
 
 from moe_erc.outputs import check_output_dir
 
+_KM = ["moe.router=kmeans", "moe.moe_router_load_balancing_type=none"]
 # name -> (label, overrides). Same model, data order (the seed) and token budget for all.
 METHODS = {
     "vanilla": ("vanilla (aux loss 0.01)", []),
@@ -33,7 +34,7 @@ METHODS = {
     "erc-1": ("ERC alpha=1", ["erc.enabled=true", "erc.alpha=1.0"]),
     "erc-2": ("ERC alpha=2", ["erc.enabled=true", "erc.alpha=2.0"]),
     "aoe": ("AoE", ["moe.router=aoe"]),
-    "kmeans": ("K-Means", ["moe.router=kmeans", "moe.moe_router_load_balancing_type=none"]),
+    "kmeans": ("K-Means", list(_KM)),
     "auxfree": ("aux-loss-free", ["moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true",
                                   "moe.moe_router_load_balancing_type=none"]),
     # --optimizers: the same routings trained with megatron's Muon and the symmetric stack (issue 14).
@@ -41,13 +42,27 @@ METHODS = {
     "muon-erc-1": ("Muon, ERC alpha=1", ["optimizer.name=muon", "erc.enabled=true", "erc.alpha=1.0"]),
     "symmetric": ("symmetric, vanilla", ["optimizer.name=symmetric"]),
     "symmetric-erc-1": ("symmetric, ERC alpha=1", ["optimizer.name=symmetric", "erc.enabled=true", "erc.alpha=1.0"]),
+    # --kmeans-ablation (issue 22): what balances the K-Means router, one option at a time; and a router with
+    # no balancing at all, for the router-geometry claim.
+    "kmeans-running": ("K-Means, running mean", [*_KM, "moe.kmeans_update=running_mean"]),
+    "kmeans-seed16": ("K-Means, seeds from 16 sequences", [*_KM, "moe.kmeans_seed_sequences=16"]),
+    "kmeans-reseed10": ("K-Means, re-seed after 10 idle steps", [*_KM, "moe.kmeans_reseed_steps=10"]),
+    "kmeans-center": ("K-Means, centred hidden states", [*_KM, "moe.kmeans_center=true"]),
+    "kmeans-nograd": ("K-Means, gates without gradient", [*_KM, "moe.kmeans_gate_grad=false"]),
+    "noaux": ("no balancing (aux loss 0)", ["moe.moe_router_load_balancing_type=none", "moe.moe_aux_loss_coeff=0"]),
 }
 ROUTING_METHODS = ["vanilla", "erc-0.25", "erc-0.5", "erc-1", "erc-2", "aoe", "kmeans", "auxfree"]
 OPTIMIZER_METHODS = ["vanilla", "erc-1", "muon", "muon-erc-1", "symmetric", "symmetric-erc-1"]
+KMEANS_VARIANTS = ["kmeans", "kmeans-running", "kmeans-seed16", "kmeans-reseed10", "kmeans-center", "kmeans-nograd"]
+KMEANS_METHODS = ["vanilla", "auxfree", "noaux", *KMEANS_VARIANTS]
+# "Modest perplexity increase": at most this much validation loss (nats) above aux-loss balancing.
+MODEST_LOSS_INCREASE = 0.05
 # One colour per method in every figure.
 COLORS = {"vanilla": "#444444", "erc-0.25": "#08306b", "erc-0.5": "#2171b5", "erc-1": "#6baed6",
           "erc-2": "#c6dbef", "aoe": "#d94801", "kmeans": "#238b45", "auxfree": "#807dba",
-          "muon": "#ce1256", "muon-erc-1": "#f1b6da", "symmetric": "#8c510a", "symmetric-erc-1": "#dfc27d"}
+          "muon": "#ce1256", "muon-erc-1": "#f1b6da", "symmetric": "#8c510a", "symmetric-erc-1": "#dfc27d",
+          "kmeans-running": "#41ab5d", "kmeans-seed16": "#74c476", "kmeans-reseed10": "#a1d99b",
+          "kmeans-center": "#00441b", "kmeans-nograd": "#c7e9c0", "noaux": "#bdbdbd"}
 ALPHAS = (0.5, 1.0, 2.0)
 SEEDS = (1234, 2345, 3456)
 QUICK = ["training.train_iters=60", "training.eval_interval=20", "training.eval_iters=4",
@@ -132,6 +147,8 @@ def measure(config: str, method: str, run_dir: Path, extra: list[str]) -> dict:
         "dead_experts": statistics.mean(r.get("dead_experts") or 0 for r in train) if train else None,
         "coupling": valid[-1].get("coupling"),
         "coupling_topk": valid[-1].get("coupling_topk"),
+        "router_cosine": _mean_layers(next((r.get("router_cosine") for r in reversed(train)
+                                            if r.get("router_cosine")), None)),
         "tokens_per_s": statistics.median(r["tokens_per_s"] for r in train) if train else None,
         "flops_per_token": (flops.tokens_per_step * flops.per_token_total + flops.erc_per_gpu) / flops.tokens_per_step,
     }
@@ -143,6 +160,14 @@ def measure(config: str, method: str, run_dir: Path, extra: list[str]) -> dict:
         out["margin"] = [analysis["layers"][k]["margin"] for k in layers]
         out["M"] = [analysis["layers"][k]["M"] for k in layers]
     return out
+
+
+def _mean_layers(values) -> float | None:
+    """Mean over the layers that have a value (None: no layer has one); a number is its own mean."""
+    if isinstance(values, (int, float)):
+        return float(values)
+    present = [v for v in (values or []) if v is not None]
+    return statistics.mean(present) if present else None
 
 
 def _mean_std(values) -> tuple[float, float]:
@@ -266,6 +291,73 @@ def optimizer_claims(results: dict[str, list[dict]]) -> list[tuple[str, str, str
     return out
 
 
+def kmeans_rows(results: dict[str, list[dict]]) -> list[str]:
+    """Markdown rows: each K-Means variant's MaxVio and validation loss, seed-paired against aux-loss balancing
+    (vanilla) and aux-loss-free balancing."""
+    rows = ["| K-Means variant | MaxVio (valid) | − aux loss | − aux-loss-free | validation loss − aux loss | "
+            "− aux-loss-free | dead experts | coupling |", "|---|---|---|---|---|---|---|---|"]
+    for name in KMEANS_VARIANTS:
+        runs = results.get(name)
+        if not runs:
+            continue
+        cells = [_fmt(_mean_std(r["maxvio_valid"] for r in runs), 3)]
+        for base in ("vanilla", "auxfree"):
+            b = results.get(base)
+            cells.append(_fmt(_mean_std(r["maxvio_valid"] - v["maxvio_valid"] for r, v in zip(runs, b)), 3) if b else "—")
+        for base in ("vanilla", "auxfree"):
+            b = results.get(base)
+            cells.append(_fmt(_paired(runs, b)) if b else "—")
+        cells += [_fmt(_mean_std(r["dead_experts"] for r in runs), 2), _fmt(_mean_std(r["coupling"] for r in runs), 3)]
+        rows.append(f"| {METHODS[name][0]} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def kmeans_claims(results: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence): the K-Means paper's balance claim (per variant) and the router-geometry claim.
+
+    Tests, fixed before the runs: (g) reproduced when the variant's validation MaxVio is below aux-loss's and
+    aux-loss-free's by more than 2 seed-paired std each, and its seed-paired validation loss minus aux-loss's is at
+    most MODEST_LOSS_INCREASE; not reproduced when its MaxVio is above either by more than 2 std; else
+    inconclusive (one seed: inconclusive). (h) the mean |cos| between distinct router rows with aux loss 0.01
+    over that with no balancing; reproduced when >= 2 (the paper: "nearly three times"), not reproduced when
+    <= 1.2, else inconclusive; aux-loss-free shown beside it.
+    """
+    out = []
+    van, free = results.get("vanilla"), results.get("auxfree")
+    for name in KMEANS_VARIANTS:
+        runs = results.get(name)
+        if not (runs and van and free):
+            continue
+        n = min(len(runs), len(van), len(free))
+        below = [_mean_std(r["maxvio_valid"] - b["maxvio_valid"] for r, b in zip(runs, base)) for base in (van, free)]
+        loss = _paired(runs, van)
+        if n < 2:
+            verdict = "inconclusive"
+        elif all(m < 0 and -m > 2 * sd for m, sd in below) and loss[0] <= MODEST_LOSS_INCREASE:
+            verdict = "reproduced"
+        elif any(m > 2 * sd for m, sd in below):
+            verdict = "not reproduced"
+        else:
+            verdict = "inconclusive"
+        out.append((f"(g) {METHODS[name][0]} has the lowest load imbalance, with a modest perplexity increase",
+                    verdict, f"seed-paired validation MaxVio minus aux loss {_fmt(below[0], 3)}, minus aux-loss-free "
+                             f"{_fmt(below[1], 3)}; validation loss minus aux loss {_fmt(loss)} over {n} seed(s) "
+                             f"(test: MaxVio below both by > 2 std and loss increase <= {MODEST_LOSS_INCREASE}; "
+                             f"above either by > 2 std = not reproduced)"))
+    none = results.get("noaux")
+    if van and none and all(r.get("router_cosine") is not None for r in van + none):
+        ratio = _mean_std(v["router_cosine"] / z["router_cosine"] for v, z in zip(van, none))
+        verdict = "inconclusive" if min(len(van), len(none)) < 2 else (
+            "reproduced" if ratio[0] >= 2 else ("not reproduced" if ratio[0] <= 1.2 else "inconclusive"))
+        extra = ""
+        if free and all(r.get("router_cosine") is not None for r in free):
+            extra = f"; aux-loss-free / none {_fmt(_mean_std(f['router_cosine'] / z['router_cosine'] for f, z in zip(free, none)), 2)}"
+        out.append(("(h) the auxiliary load-balancing loss makes router rows more similar (paper: nearly 3x)", verdict,
+                    f"mean |cos| between distinct router rows, aux loss 0.01 / none: {_fmt(ratio, 2)} over "
+                    f"{min(len(van), len(none))} seed(s){extra} (test: >= 2 reproduced, <= 1.2 not reproduced)"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -356,7 +448,8 @@ def write_report(results, config: str, extra: list[str], seeds: list[int], out: 
     cfg = load_config(config, extra)
     m, moe, t = cfg.model, cfg.moe, cfg.training
     lines = [
-        "# Optimizer comparison: AdamW, Muon, symmetric" if "symmetric" in results else "# The small-scale study", "",
+        "# Optimizer comparison: AdamW, Muon, symmetric" if "symmetric" in results else (
+            "# K-Means ablation and router geometry" if "kmeans-running" in results else "# The small-scale study"), "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, Python {platform.python_version()}; "
         f"written {time.strftime('%Y-%m-%d %H:%M')}  ",
@@ -388,11 +481,14 @@ def write_report(results, config: str, extra: list[str], seeds: list[int], out: 
             cells = [f"{_mean_std(r['posthoc'][1.0][k] for r in runs)[0]:.4f} / "
                      f"{_mean_std(r['eps'][k] for r in runs)[0]:.3f}" for k in range(len(runs[0]['eps']))]
             lines.append(f"| {METHODS[method][0]} | " + " | ".join(cells) + " |")
+    if any(m in results for m in KMEANS_VARIANTS[1:]):
+        lines += ["", "## K-Means ablation (seed-paired against aux-loss and aux-loss-free balancing)", "",
+                  *kmeans_rows(results)]
     if any(m in results for m in ("muon", "muon-erc-1", "symmetric", "symmetric-erc-1")):
         lines += ["", "## Optimizers (docs/optimizers.md): AdamW vs Muon vs the symmetric stack", "",
                   *optimizer_rows(results)]
     lines += ["", "## The paper's claims at this scale", ""]
-    for claim, verdict, evidence in claims(results) + optimizer_claims(results):
+    for claim, verdict, evidence in claims(results) + optimizer_claims(results) + kmeans_claims(results):
         lines.append(f"- **{claim}: {verdict}.** {evidence}")
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in names] + [""]
     path = out / "README.md"
@@ -415,6 +511,9 @@ def main(argv=None) -> int:
     parser.add_argument("--optimizers", action="store_true",
                         help="compare AdamW, Muon and the symmetric stack with vanilla and ERC routing "
                              "(methods " + ",".join(OPTIMIZER_METHODS) + "; default --out docs/optimizers)")
+    parser.add_argument("--kmeans-ablation", action="store_true",
+                        help="the K-Means router's options against aux-loss and aux-loss-free balancing, and no "
+                             "balancing (methods " + ",".join(KMEANS_METHODS) + "; default --out docs/study/kmeans)")
     parser.add_argument("--seeds", default=None, help="comma list (default: 3 seeds; --quick: 1)")
     parser.add_argument("--runs", default=RUNS_DEFAULT, help="where the runs go (resumable; --quick: runs/study-quick)")
     parser.add_argument("--out", default=None, help="where README.md and the figures go (default docs/study; "
@@ -424,14 +523,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from moe_erc.errors import ConfigError
 
-    default = OPTIMIZER_METHODS if args.optimizers else ROUTING_METHODS
+    default = OPTIMIZER_METHODS if args.optimizers else (KMEANS_METHODS if args.kmeans_ablation else ROUTING_METHODS)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else default
     if not methods:
         raise ConfigError(f"--methods '{args.methods}' names no method; choose from {', '.join(METHODS)}")
     if args.quick:  # a smoke run: its own runs (60-step schedules a full study must not resume) and report
         args.runs = args.runs if args.runs != RUNS_DEFAULT else RUNS_DEFAULT + "-quick"
         args.out = args.out or str(Path(args.runs) / "report")
-    args.out = args.out or ("docs/optimizers" if args.optimizers else "docs/study")
+    args.out = args.out or ("docs/optimizers" if args.optimizers else
+                            "docs/study/kmeans" if args.kmeans_ablation else "docs/study")
     check_output_dir(args.out)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -39,12 +39,12 @@ def _tiny_model(env, *overrides, vocab_size=128):
 def _router(env, *overrides, hidden=8, experts=4, topk=2):
     """A KMeansRouter built alone from a megatron TransformerConfig (d=8, n=4, top-2 unless overridden)."""
     from moe_erc.config import load_config
-    from moe_erc.layers.routers.kmeans import KMeansRouter
+    from moe_erc.layers.routers.kmeans import kmeans_router_class
 
     _, model_lib = env
     cfg = load_config(None, [f"model.hidden_size={hidden}", "model.num_attention_heads=2", "model.num_layers=1",
                              f"moe.num_experts={experts}", f"moe.moe_router_topk={topk}", *KMEANS, *overrides])
-    router = KMeansRouter(config=model_lib.transformer_config(cfg))
+    router = kmeans_router_class(cfg)(config=model_lib.transformer_config(cfg))
     router.set_layer_number(1)
     return router
 
@@ -339,3 +339,111 @@ def test_a_skipped_step_leaves_no_trace_and_non_finite_means_are_never_folded(en
     new = ema_update(before, sums, torch.tensor([2.0, 3.0, 0.0, 1.0]), 0.5)
     assert torch.isfinite(new).all() and torch.equal(new[1], before[1]) and torch.equal(new[2], before[2])
     assert not torch.equal(new[0], before[0])
+
+
+# ------------------------------------------------------------------------------------------------
+# The options the ablation compares (issue 22): running mean, many-sequence seeding, centring, gate gradient
+
+
+def test_running_mean_update_is_the_direction_of_every_routed_tokens_sum(env):
+    """``moe.kmeans_update=running_mean``: with running-sum lengths L, ``c <- normalize(L c + sum of the step's
+    normalised tokens)`` and ``L <- |L c + sum|``; a fresh centroid (L=0) becomes its tokens' mean direction,
+    an expert with no token keeps c and L."""
+    router = _router(env, "moe.kmeans_update=running_mean")
+    assert router.update == "running_mean" and "running_sum_norm" in router.state_dict()
+    router.seeded_from_data.fill_(1.0)
+    router.reseed_steps = 0
+    e = torch.eye(8)
+    old = torch.stack([e[0], e[1], e[2], -e[0]])
+    lengths = [3.0, 0.0, 5.0, 2.0]
+    router.centroids.copy_(old)
+    router.running_sum_norm.copy_(torch.tensor(lengths, dtype=torch.float64))
+    g = torch.Generator().manual_seed(9)
+    tokens = (e[0] + e[1] + e[2]) + 0.3 * torch.randn(6, 1, 8, generator=g)
+    router.train()
+    router(tokens.clone().requires_grad_())
+    router.update_after_step()
+    rows = tokens.view(6, 8).double().tolist()
+    totals = [[lengths[i] * c for c in old[i].double().tolist()] for i in range(4)]
+    counts = [0] * 4
+    for t, cos in zip(rows, _cosines(rows, old.double().tolist())):
+        length = math.sqrt(sum(a * a for a in t))
+        for i in sorted(range(4), key=lambda i: -cos[i])[:2]:
+            counts[i] += 1
+            totals[i] = [s + a / length for s, a in zip(totals[i], t)]
+    assert counts[3] == 0 and counts[1] > 0
+    for i in range(4):
+        norm = math.sqrt(sum(a * a for a in totals[i]))
+        expected_c = [a / norm for a in totals[i]] if counts[i] else old[i].double().tolist()
+        assert router.centroids[i].double().tolist() == pytest.approx(expected_c, abs=1e-6), i
+        assert router.running_sum_norm[i].item() == pytest.approx(norm if counts[i] else lengths[i], rel=1e-6)
+
+
+def test_centring_and_gates_without_gradient(env):
+    """``kmeans_center``: tokens are compared as normalize(h - mu), mu the EMA of the raw hidden-state mean
+    (the first update sets it); ``kmeans_gate_grad=false``: the gates carry no gradient."""
+    router = _router(env, "moe.kmeans_center=true", "moe.kmeans_gate_grad=false", "moe.kmeans_momentum=0.5")
+    assert router.center and not router.gate_grad and "hidden_mean" in router.state_dict()
+    g = torch.Generator().manual_seed(4)
+    centroids = torch.nn.functional.normalize(torch.randn(4, 8, generator=g), dim=1)
+    router.centroids.copy_(centroids)
+    router.seeded_from_data.fill_(0.0)
+    router.train()
+    first = torch.randn(5, 1, 8, generator=g) + 3.0
+    probs, _ = router(first.clone().requires_grad_())
+    assert not probs.requires_grad  # constants for backward
+    router.update_after_step()
+    mu = first.view(5, 8).mean(dim=0)
+    assert torch.allclose(router.hidden_mean, mu, atol=1e-6)
+    second = torch.randn(5, 1, 8, generator=g) - 1.0
+    router.eval()
+    x = second.view(5, 8)
+    cos = _cosines((x - mu).double().tolist(), router.centroids.double().tolist())
+    assert torch.allclose(router.gating(x).double(), torch.tensor(cos, dtype=torch.float64), atol=1e-6)
+    router.train()
+    router(second.clone().requires_grad_())
+    router.update_after_step()
+    assert torch.allclose(router.hidden_mean, 0.5 * mu + 0.5 * x.mean(dim=0), atol=1e-6)
+    with_grad = _router(env, "moe.kmeans_center=true")
+    probs, _ = with_grad(first.clone().requires_grad_())
+    assert probs.requires_grad  # the default: gates carry gradient into the hidden states
+
+
+def test_the_seed_sample_draws_from_several_sequences(env):
+    """``kmeans_seed_sequences=R``: the first update seeds centroids from tokens of batch rows 0..R-1 of the
+    step's first micro-batch (R=1: row 0 only, as before)."""
+    g = torch.Generator().manual_seed(21)
+    batch = torch.randn(16, 4, 8, generator=g)  # [s, b, d]
+    rows_of = {}
+    for sequences in (1, 4):
+        router = _router(env, f"moe.kmeans_seed_sequences={sequences}", experts=8)
+        router.train()
+        router(batch.clone().requires_grad_())
+        router.update_after_step()
+        rows_of[sequences] = set()
+        for i in range(8):
+            found = [b for b in range(4) if _is_one_of(router.centroids[i], _normalised_rows(batch[:, b]))]
+            assert len(found) == 1, (sequences, i)
+            rows_of[sequences] |= set(found)
+    assert rows_of[1] == {0}
+    assert rows_of[4] <= {0, 1, 2, 3} and len(rows_of[4]) > 1, rows_of
+
+
+def test_the_ablation_options_match_one_process_under_ep2_and_resume(tiny_corpus, tmp_path):
+    """Running mean, centring, 4-sequence seeding and detached gates together, from the same checkpoint (a
+    1-step run with them: its running-sum lengths and hidden-state mean load back): EP=2 (DP=2 for the
+    hidden-state and centroid statistics) logs one process's losses, and one process stopped after step 2
+    resumes onto the same step 3."""
+    options = [*KMEANS, "moe.kmeans_update=running_mean", "moe.kmeans_center=true", "moe.kmeans_seed_sequences=4",
+               "moe.kmeans_gate_grad=false", "moe.kmeans_reseed_steps=1"]
+    base = tmp_path / "base"
+    train(base, tiny_corpus, *options, "training.train_iters=1")
+    common = [*options, "training.train_iters=3", "checkpoint.save_interval=2", f"checkpoint.load={base / 'checkpoints'}"]
+    single, double = tmp_path / "single", tmp_path / "double"
+    train(single, tiny_corpus, *common, "training.exit_interval=2")
+    train(double, tiny_corpus, *common, "parallel.expert_model_parallel_size=2", nproc=2)
+    train(single, tiny_corpus, *common)  # resume=auto from step 2
+    one, two = losses(single), losses(double)
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert one[step] == pytest.approx(two[step], rel=2e-5), (step, one, two)

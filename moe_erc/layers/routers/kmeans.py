@@ -16,6 +16,16 @@ compared with every centroid by cosine similarity ``s_i = <x/|x|, c_i>`` and goe
   (TP x DP x CP: sequence parallelism splits tokens over TP), then for every expert that received tokens
   ``c_i <- normalize(m c_i + (1 - m) mean_i)`` with ``m = moe.kmeans_momentum``. All ranks apply the
   same update to the same centroids, so the centroids stay identical everywhere.
+* **Running mean** (``moe.kmeans_update: running_mean``): instead of the EMA, each centroid is the direction
+  of the running average of every (normalised) token routed to it since it was seeded. The router keeps the
+  length ``L_i`` of that running sum (buffer ``running_sum_norm``, fp64), so ``L_i c_i`` is the sum itself:
+  ``v = L_i c_i + sums_i``, ``c_i <- v / |v|``, ``L_i <- |v|``. An expert that gets one token moves about
+  1/(N+1) of the way after N tokens, where the EMA moves every expert ``1 - m`` of the way.
+* **Centring** (``moe.kmeans_center``): tokens are compared as ``normalize(h - mu)``, ``mu`` (buffer
+  ``hidden_mean`` ``[d]``) an EMA (momentum ``m``) of the mean raw hidden state of the step's training
+  tokens, from the same collective; the first update sets it to the step's mean.
+* **Gates without gradient** (``moe.kmeans_gate_grad: false``): the gates are computed from detached
+  similarities, so the LM loss does not pull hidden states towards centroids through them.
 * **Initialisation**: random unit vectors from a generator seeded by (``training.seed``, global layer
   number): identical on every rank and independent of the parallel layout.
 * **Balancing**: subclassing megatron's ``TopKRouter`` brings its ``expert_bias`` /
@@ -30,8 +40,9 @@ compared with every centroid by cosine similarity ``s_i = <x/|x|, c_i>`` and goe
 * **Seeding from data**: random unit vectors have cosine ~1/sqrt(d) with every token, so the first update
   replaces every centroid by a sampled token, and a centroid that has received no token for
   ``moe.kmeans_reseed_steps`` updates is replaced by a sampled token too. The sample is the same on every
-  rank and in every layout: ``n`` positions (seeded by seed, layer and step) of the step's first sequence,
-  which the rank holding it contributes to an all-reduce over the token-holding ranks.
+  rank and in every layout: ``n`` tokens (seeded by seed, layer and step) of the first
+  ``moe.kmeans_seed_sequences`` sequences of the step's first micro-batch, which the rank holding each
+  contributes to an all-reduce over the token-holding ranks.
 * **Non-finite steps**: a step the trainer skips (``nan_policy=skip``) discards the statistics it gathered
   (:func:`moe_erc.layers.routers.end_of_step`), and an expert whose mean is not finite keeps its centroid.
 * **Checkpoints**: ``centroids`` (and ``expert_bias``) are persistent buffers; megatron's default
@@ -81,6 +92,17 @@ def ema_update(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor
     return torch.where(usable, moved, centroids)  # no boolean indexing: no host sync
 
 
+def running_mean_update(centroids: torch.Tensor, sums: torch.Tensor, counts: torch.Tensor,
+                        lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(new centroids, new lengths): ``v = L_i c_i + sums_i`` (the running sum of every token routed to expert
+    ``i``), ``c_i = v / |v|``, ``L_i = |v|``, where ``counts_i > 0`` and the sums are finite; else unchanged."""
+    total = lengths.unsqueeze(-1) * centroids.double() + sums.double()
+    norm = total.norm(dim=-1)
+    usable = (counts > 0) & torch.isfinite(sums).all(dim=-1) & (norm > 0)
+    moved = (total / norm.clamp_min(1e-30).unsqueeze(-1)).to(centroids.dtype)
+    return torch.where(usable.unsqueeze(-1), moved, centroids), torch.where(usable, norm, lengths)
+
+
 class KMeansRouter(TopKRouter):
     """Top-K by cosine similarity to per-expert EMA centroids of the routed (normalised) hidden states.
 
@@ -92,6 +114,10 @@ class KMeansRouter(TopKRouter):
     temperature: float = 1.0  # gates: score function of cos / temperature
     base_seed: int = 1234  # training.seed
     reseed_steps: int = 100  # moe.kmeans_reseed_steps: re-seed a centroid idle for this many updates (0: never)
+    update: str = "ema"  # moe.kmeans_update: "ema" | "running_mean"
+    seed_sequences: int = 1  # moe.kmeans_seed_sequences: sequences the seed sample is drawn from
+    center: bool = False  # moe.kmeans_center: cosine of h - mean(h)
+    gate_grad: bool = True  # moe.kmeans_gate_grad: gates carry gradient into the hidden states
 
     def __init__(self, config, pg_collection=None, is_mtp_layer: bool = False):
         if pg_collection is None:
@@ -110,7 +136,12 @@ class KMeansRouter(TopKRouter):
         # Updates since each expert last received a token, and whether centroids were seeded from data.
         self.register_buffer("idle_updates", torch.zeros(n, dtype=torch.float32))
         self.register_buffer("seeded_from_data", torch.zeros(1, dtype=torch.float32))
-        self._stats: Optional[torch.Tensor] = None  # [n, d + 1] fp32: sums | counts, this rank, this step
+        # Length of each expert's running token sum since it was seeded (running_mean); hidden-state mean (center).
+        # Saved only when their option is on, so default checkpoints keep their keys.
+        self.register_buffer("running_sum_norm", torch.zeros(n, dtype=torch.float64),
+                             persistent=self.update == "running_mean")
+        self.register_buffer("hidden_mean", torch.zeros(d, dtype=torch.float32), persistent=self.center)
+        self._stats: Optional[torch.Tensor] = None  # [n + 1, d + 1] fp32: sums | counts per expert; raw h row
         self._sample: Optional[torch.Tensor] = None  # [n, d]: this rank's part of the step's token sample
         self._centroids_final = False  # True once trained or loaded: set_layer_number must not re-seed
         if self.tp_dp_cp_group is None:
@@ -132,10 +163,12 @@ class KMeansRouter(TopKRouter):
         """Float16Module casts buffers to bf16/fp16; centroids and their update stay fp32."""
         if self.centroids.dtype != torch.float32:
             self.centroids.data = self.centroids.data.float()
-        for name in ("tokens_per_expert", "idle_updates", "seeded_from_data"):
+        for name in ("tokens_per_expert", "idle_updates", "seeded_from_data", "hidden_mean"):
             buffer = getattr(self, name)
             if buffer.dtype != torch.float32:
                 buffer.data = buffer.data.float()
+        if self.running_sum_norm.dtype != torch.float64:
+            self.running_sum_norm.data = self.running_sum_norm.data.double()
         self._maintain_float32_expert_bias()
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -152,7 +185,10 @@ class KMeansRouter(TopKRouter):
     def similarities(self, input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised tokens ``[T, d]``, cosine similarities ``[T, n]``) in the router dtype."""
         dtype = torch.float64 if self.config.moe_router_dtype == "fp64" else torch.float32
-        x = F.normalize(input.reshape(-1, input.shape[-1]).to(dtype), dim=-1)
+        h = input.reshape(-1, input.shape[-1]).to(dtype)
+        if self.center:
+            h = h - self.hidden_mean.to(device=h.device, dtype=dtype)
+        x = F.normalize(h, dim=-1)
         return x, x @ self.centroids.to(device=x.device, dtype=dtype).t()
 
     def gating(self, input: torch.Tensor) -> torch.Tensor:
@@ -166,7 +202,8 @@ class KMeansRouter(TopKRouter):
         x, sims = self.similarities(input)
         if padding_mask is not None:
             padding_mask = padding_mask.reshape(-1)  # megatron's router convention: True = padding
-        logits = self.apply_z_loss(sims / self.temperature, padding_mask=padding_mask)
+        logits = self.apply_z_loss((sims if self.gate_grad else sims.detach()) / self.temperature,
+                                   padding_mask=padding_mask)
         with torch.no_grad():
             scores = sims.detach()
             if self.expert_bias is not None:
@@ -183,7 +220,7 @@ class KMeansRouter(TopKRouter):
                 pad_to_capacity=self.config.moe_pad_expert_input_to_capacity)
         valid = None if padding_mask is None else ~padding_mask.unsqueeze(-1)  # [T, 1]
         if self.training and torch.is_grad_enabled():  # once per training forward (recomputation: the grad pass)
-            self._accumulate(x.detach(), routing_map if valid is None else routing_map & valid)
+            self._accumulate(x.detach(), routing_map if valid is None else routing_map & valid, input, valid)
             if self._sample is None:  # the step's first micro-batch on this rank
                 self._sample = self._token_sample(x.detach(), input.shape)
             # megatron's load counter for the expert bias (masks with `routing_map & ~mask`: give it [T, 1])
@@ -191,19 +228,26 @@ class KMeansRouter(TopKRouter):
         return probs, routing_map
 
     @torch.no_grad()
-    def _accumulate(self, x: torch.Tensor, routing_map: torch.Tensor):
+    def _accumulate(self, x: torch.Tensor, routing_map: torch.Tensor, hidden: torch.Tensor,
+                    valid: Optional[torch.Tensor]):
+        """Add this micro-batch's per-expert sums/counts of ``x`` (rows 0..n-1) and the raw hidden states'
+        sum/count (row n) to the step's statistics ``[n + 1, d + 1]``."""
         routed = routing_map.to(torch.float32)
-        step = torch.cat([routed.t() @ x.float(), routed.sum(dim=0).unsqueeze(-1)], dim=1)  # [n, d + 1]
+        h = hidden.reshape(-1, hidden.shape[-1]).float()
+        keep = torch.ones(h.shape[0], 1, device=h.device) if valid is None else valid.to(torch.float32)
+        step = torch.cat([torch.cat([routed.t() @ x.float(), routed.sum(dim=0).unsqueeze(-1)], dim=1),
+                          torch.cat([keep.t() @ h, keep.sum().view(1, 1)], dim=1)], dim=0)
         self._stats = step if self._stats is None else self._stats.add_(step)
 
     @torch.no_grad()
     def _token_sample(self, x: torch.Tensor, shape) -> torch.Tensor:
         """``[n, d]``: this rank's part of the step's token sample (zeros where another rank holds it).
 
-        The sample is ``n`` positions of the step's first sequence (global batch row 0: data-parallel rank 0,
-        row 0 of its first micro-batch), chosen by a generator seeded from (seed, layer, step); under
-        sequence parallelism each TP rank holds a slice of the positions. Summed over the token-holding
-        ranks, every rank gets the same sample in every layout.
+        The sample is ``n`` tokens of the step's first ``seed_sequences`` sequences (data-parallel rank 0's
+        first micro-batch, rows 0..R-1: the same global rows in every layout, as the micro-batch size is),
+        chosen by a generator seeded from (seed, layer, step); under sequence parallelism each TP rank holds a
+        slice of the positions. Summed over the token-holding ranks, every rank gets the same sample in every
+        layout.
         """
         n, d = self.centroids.shape
         sample = torch.zeros(n, d, dtype=torch.float32, device=x.device)
@@ -217,10 +261,12 @@ class KMeansRouter(TopKRouter):
         # Drawn on the device (a generator there, seeded alike on every rank): no host tensor to copy over.
         generator = torch.Generator(device=x.device).manual_seed(
             centroid_seed(self.base_seed, self.layer_number or 0) + 104_729 * current_training_step())
-        positions = torch.randint(0, s_local * tp, (n,), generator=generator, device=x.device)
+        sequences = min(self.seed_sequences, batch)
+        flat = torch.randint(0, s_local * tp * sequences, (n,), generator=generator, device=x.device)
+        positions, sequence = flat // sequences, flat % sequences
         local = positions - tp_rank * s_local
         mine = (local >= 0) & (local < s_local)
-        rows = local.clamp(0, s_local - 1) * batch  # token (pos, batch row 0) in [S*B, d]
+        rows = local.clamp(0, s_local - 1) * batch + sequence  # token (pos, batch row) in [S*B, d]
         sample.copy_(torch.where(mine.unsqueeze(-1), x[rows].float(), sample))
         return sample
 
@@ -237,25 +283,38 @@ class KMeansRouter(TopKRouter):
         self._keep_fp32()
         n, d = self.centroids.shape
         device = self.centroids.device
-        stats = self._stats if self._stats is not None else torch.zeros(n, d + 1, device=device)
+        stats = self._stats if self._stats is not None else torch.zeros(n + 1, d + 1, device=device)
         sample = self._sample if self._sample is not None else torch.zeros(n, d, device=device)
         self._stats = self._sample = None
-        both = torch.cat([stats, sample], dim=1)  # one collective: [n, d + 1 + d]
+        sample = torch.cat([sample, torch.zeros(1, d, device=device)])  # row n: the hidden-state row
+        both = torch.cat([stats, sample], dim=1)  # one collective: [n + 1, d + 1 + d]
         group = self.tp_dp_cp_group
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(both, group=group)
-        sums, counts, sample = both[:, :d], both[:, d], both[:, d + 1:]
+        sums, counts, sample = both[:n, :d], both[:n, d], both[:n, d + 1:]
         self.tokens_per_expert.copy_(counts)
-        centroids = ema_update(self.centroids, sums, counts, self.momentum)
+        first = self.seeded_from_data == 0
+        if self.center:
+            h_sum, h_count = both[n, :d], both[n, d]
+            mean = h_sum / h_count.clamp_min(1)
+            blended = torch.where(first, mean, self.momentum * self.hidden_mean + (1 - self.momentum) * mean)
+            self.hidden_mean.copy_(torch.where((h_count > 0) & torch.isfinite(mean).all(), blended,
+                                               self.hidden_mean))
+        if self.update == "running_mean":
+            centroids, lengths = running_mean_update(self.centroids, sums, counts, self.running_sum_norm)
+            self.running_sum_norm.copy_(lengths)
+        else:
+            centroids = ema_update(self.centroids, sums, counts, self.momentum)
         # Re-seed (all experts at the first update, idle ones later) from the sample: device-side choices,
         # no host sync; every rank holds the same counts and sample, so they agree.
         self.idle_updates.copy_(torch.where(counts > 0, torch.zeros_like(counts), self.idle_updates + 1))
-        reseed = (self.seeded_from_data == 0).expand(n)
+        reseed = first.expand(n)
         if self.reseed_steps > 0:
             reseed = reseed | (self.idle_updates >= self.reseed_steps)
         usable = reseed & (sample.norm(dim=-1) > 0) & torch.isfinite(sample).all(dim=-1)
         self.centroids.copy_(torch.where(usable.unsqueeze(-1), F.normalize(sample, dim=-1), centroids))
         self.idle_updates.masked_fill_(usable, 0.0)
+        self.running_sum_norm.masked_fill_(usable, 0.0)  # a re-seeded centroid starts a new running mean
         self.seeded_from_data.fill_(1.0)
         self._centroids_final = True
 
@@ -264,4 +323,6 @@ def kmeans_router_class(cfg) -> type:
     """A :class:`KMeansRouter` bound to this run's momentum and seed (what the layer spec should build)."""
     return type("KMeansRouter", (KMeansRouter,), {
         "momentum": cfg.moe.kmeans_momentum, "base_seed": cfg.training.seed,
-        "temperature": cfg.moe.kmeans_temperature, "reseed_steps": cfg.moe.kmeans_reseed_steps})
+        "temperature": cfg.moe.kmeans_temperature, "reseed_steps": cfg.moe.kmeans_reseed_steps,
+        "update": cfg.moe.kmeans_update, "seed_sequences": cfg.moe.kmeans_seed_sequences,
+        "center": cfg.moe.kmeans_center, "gate_grad": cfg.moe.kmeans_gate_grad})
