@@ -231,12 +231,14 @@ class KMeansRouter(TopKRouter):
     def _accumulate(self, x: torch.Tensor, routing_map: torch.Tensor, hidden: torch.Tensor,
                     valid: Optional[torch.Tensor]):
         """Add this micro-batch's per-expert sums/counts of ``x`` (rows 0..n-1) and the raw hidden states'
-        sum/count (row n) to the step's statistics ``[n + 1, d + 1]``."""
+        sum/count (row n, with centring) to the step's statistics ``[n (+ 1), d + 1]``."""
         routed = routing_map.to(torch.float32)
-        h = hidden.reshape(-1, hidden.shape[-1]).float()
-        keep = torch.ones(h.shape[0], 1, device=h.device) if valid is None else valid.to(torch.float32)
-        step = torch.cat([torch.cat([routed.t() @ x.float(), routed.sum(dim=0).unsqueeze(-1)], dim=1),
-                          torch.cat([keep.t() @ h, keep.sum().view(1, 1)], dim=1)], dim=0)
+        experts = torch.cat([routed.t() @ x.float(), routed.sum(dim=0).unsqueeze(-1)], dim=1)  # [n, d + 1]
+        step = experts
+        if self.center:  # row n: raw hidden states (only centring uses them; else added once per step)
+            h = hidden.reshape(-1, hidden.shape[-1]).float()
+            keep = torch.ones(h.shape[0], 1, device=h.device) if valid is None else valid.to(torch.float32)
+            step = torch.cat([experts, torch.cat([keep.t() @ h, keep.sum().view(1, 1)], dim=1)], dim=0)
         self._stats = step if self._stats is None else self._stats.add_(step)
 
     @torch.no_grad()
@@ -263,7 +265,7 @@ class KMeansRouter(TopKRouter):
             centroid_seed(self.base_seed, self.layer_number or 0) + 104_729 * current_training_step())
         sequences = min(self.seed_sequences, batch)
         flat = torch.randint(0, s_local * tp * sequences, (n,), generator=generator, device=x.device)
-        positions, sequence = flat // sequences, flat % sequences
+        positions, sequence = (flat, 0) if sequences == 1 else (flat // sequences, flat % sequences)
         local = positions - tp_rank * s_local
         mine = (local >= 0) & (local < s_local)
         rows = local.clamp(0, s_local - 1) * batch + sequence  # token (pos, batch row) in [S*B, d]
@@ -283,11 +285,12 @@ class KMeansRouter(TopKRouter):
         self._keep_fp32()
         n, d = self.centroids.shape
         device = self.centroids.device
-        stats = self._stats if self._stats is not None else torch.zeros(n + 1, d + 1, device=device)
+        stats = self._stats if self._stats is not None else torch.zeros(n, d + 1, device=device)
         sample = self._sample if self._sample is not None else torch.zeros(n, d, device=device)
         self._stats = self._sample = None
-        sample = torch.cat([sample, torch.zeros(1, d, device=device)])  # row n: the hidden-state row
-        both = torch.cat([stats, sample], dim=1)  # one collective: [n + 1, d + 1 + d]
+        both = torch.zeros(n + 1, 2 * d + 1, device=device)  # one collective; row n: the hidden-state sum
+        both[:stats.shape[0], :d + 1] = stats
+        both[:n, d + 1:] = sample
         group = self.tp_dp_cp_group
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(both, group=group)
