@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -85,30 +86,47 @@ def _finished(run_dir: Path, train_iters: int) -> bool:
 
 
 def run_all(config: str, methods: list[str], seeds: list[int], runs: Path, extra: list[str],
-            say=print) -> dict[tuple[str, int], Path]:
-    """Train every (method, seed) not finished yet, one process each; returns their run directories."""
+            say=print, jobs: int = 1) -> dict[tuple[str, int], Path]:
+    """Train every (method, seed) not finished yet, one process each, ``jobs`` at a time; returns their run
+    directories. With ``jobs`` > 1 each process gets ``cpu_count // jobs`` threads (OMP_NUM_THREADS): small
+    models scale poorly across threads, so 2 one-thread runs on 2 cores train ~1.7x the tokens of one."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from moe_erc.config import load_config
+    from moe_erc.errors import UserError
 
     train_iters = load_config(config, extra).training.train_iters
-    done = {}
+    done, todo = {}, []
     for method in methods:
         for seed in seeds:
             run_dir = runs / f"{method}-s{seed}"
+            done[(method, seed)] = run_dir
             if _finished(run_dir, train_iters):
                 say(f"study: {run_dir.name} already finished, skipped")
             else:
-                say(f"study: training {run_dir.name}")
-                start = time.perf_counter()
-                cmd = [sys.executable, "-m", "moe_erc", "train", config, *METHODS[method][1], *extra,
-                       f"training.seed={seed}", f"logging.run_dir={run_dir}", "logging.progress=false"]
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    from moe_erc.errors import UserError
+                todo.append((method, seed, run_dir))
+    env = dict(os.environ)
+    if jobs > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
-                    raise UserError(f"study run {run_dir.name} failed ({proc.stderr.strip().splitlines()[-1:]}); "
-                                    f"rerun `moe-erc study` to resume")
-                say(f"study: {run_dir.name} done in {time.perf_counter() - start:.0f} s")
-            done[(method, seed)] = run_dir
+    def train(item) -> str | None:
+        method, seed, run_dir = item
+        say(f"study: training {run_dir.name}")
+        start = time.perf_counter()
+        cmd = [sys.executable, "-m", "moe_erc", "train", config, *METHODS[method][1], *extra,
+               f"training.seed={seed}", f"logging.run_dir={run_dir}", "logging.progress=false"]
+        if jobs > 1:  # runs at once must not build the same sample-index cache files side by side
+            cmd.append(f"data.cache_dir={run_dir / 'index-cache'}")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+        if proc.returncode != 0:
+            return f"study run {run_dir.name} failed ({proc.stderr.strip().splitlines()[-1:]})"
+        say(f"study: {run_dir.name} done in {time.perf_counter() - start:.0f} s")
+        return None
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        failures = [f for f in pool.map(train, todo) if f]
+    if failures:
+        raise UserError("; ".join(failures) + "; rerun `moe-erc study` to resume")
     return done
 
 
@@ -518,12 +536,16 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", default=RUNS_DEFAULT, help="where the runs go (resumable; --quick: runs/study-quick)")
     parser.add_argument("--out", default=None, help="where README.md and the figures go (default docs/study; "
                                                    "--quick: <runs>/report)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs trained at once, each with cpu_count/jobs threads (2 on a 2-core CPU: ~1.7x faster)")
     parser.add_argument("--set", nargs="*", default=[], metavar="section.key=value",
                         help="config overrides for every run (e.g. a smaller model)")
     args = parser.parse_args(argv)
     from moe_erc.errors import ConfigError
 
     default = OPTIMIZER_METHODS if args.optimizers else (KMEANS_METHODS if args.kmeans_ablation else ROUTING_METHODS)
+    if args.jobs < 1:
+        raise ConfigError(f"--jobs {args.jobs} must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else default
     if not methods:
         raise ConfigError(f"--methods '{args.methods}' names no method; choose from {', '.join(METHODS)}")
@@ -544,7 +566,7 @@ def main(argv=None) -> int:
     if not seeds:
         raise ConfigError(f"--seeds '{args.seeds}' must be comma-separated integers, e.g. 1234,2345")
     extra = [*(QUICK if args.quick else []), *args.set]
-    runs = run_all(args.config, methods, seeds, Path(args.runs), extra)
+    runs = run_all(args.config, methods, seeds, Path(args.runs), extra, jobs=args.jobs)
     results = {m: [measure(args.config, m, runs[(m, s)], extra) for s in seeds] for m in methods}
     command = "moe-erc study " + " ".join(argv if argv is not None else sys.argv[2:])
     path = write_report(results, args.config, extra, seeds, Path(args.out), command.strip())
