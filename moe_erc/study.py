@@ -90,6 +90,7 @@ def run_all(config: str, methods: list[str], seeds: list[int], runs: Path, extra
     """Train every (method, seed) not finished yet, one process each, ``jobs`` at a time; returns their run
     directories. With ``jobs`` > 1 each process gets ``cpu_count // jobs`` threads (OMP_NUM_THREADS): small
     models scale poorly across threads, so 2 one-thread runs on 2 cores train ~1.7x the tokens of one."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from moe_erc.config import load_config
@@ -105,13 +106,19 @@ def run_all(config: str, methods: list[str], seeds: list[int], runs: Path, extra
                 say(f"study: {run_dir.name} already finished, skipped")
             else:
                 todo.append((method, seed, run_dir))
+    lock = threading.Lock()
+
+    def tell(message: str) -> None:  # one line at a time from the worker threads
+        with lock:
+            say(message)
+
     env = dict(os.environ)
     if jobs > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
 
     def train(item) -> str | None:
         method, seed, run_dir = item
-        say(f"study: training {run_dir.name}")
+        tell(f"study: training {run_dir.name}")
         start = time.perf_counter()
         cmd = [sys.executable, "-m", "moe_erc", "train", config, *METHODS[method][1], *extra,
                f"training.seed={seed}", f"logging.run_dir={run_dir}", "logging.progress=false"]
@@ -120,7 +127,7 @@ def run_all(config: str, methods: list[str], seeds: list[int], runs: Path, extra
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             return f"study run {run_dir.name} failed ({proc.stderr.strip().splitlines()[-1:]})"
-        say(f"study: {run_dir.name} done in {time.perf_counter() - start:.0f} s")
+        tell(f"study: {run_dir.name} done in {time.perf_counter() - start:.0f} s")
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

@@ -68,3 +68,41 @@ def test_kmeans_ablation_pairs_seeds_against_both_balancers_and_judges_claims_g_
     verdicts = {claim: verdict for claim, verdict, _ in kmeans_claims(results)}
     assert verdicts["(g) K-Means, running mean has the lowest load imbalance, with a modest perplexity increase"] == \
         "inconclusive"
+
+
+def test_run_all_trains_jobs_at_once_with_split_threads_and_own_index_caches(tmp_path, monkeypatch):
+    """--jobs 2: every unfinished run is launched once, each with cpu_count/2 threads and its own sample-index
+    cache; a failed run is named in one error after the others finished."""
+    import subprocess
+    import threading
+    import types
+
+    import pytest
+
+    from moe_erc import study
+    from moe_erc.errors import UserError
+
+    calls, running, peak, lock = [], [0], [0], threading.Lock()
+
+    def fake_run(cmd, env=None, **_):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        import time
+
+        time.sleep(0.2)
+        with lock:
+            running[0] -= 1
+            calls.append((cmd, env))
+        failed = "training.seed=2" in cmd and "moe.router=kmeans" in cmd
+        return subprocess.CompletedProcess(cmd, 1 if failed else 0, "", "boom\nlast line" if failed else "")
+
+    monkeypatch.setattr(study, "subprocess", types.SimpleNamespace(run=fake_run))
+    monkeypatch.setattr(study.os, "cpu_count", lambda: 4)
+    with pytest.raises(UserError, match=r"kmeans-s2 failed \(\['last line'\]\)"):
+        study.run_all("configs/study.yaml", ["vanilla", "kmeans"], [1, 2], tmp_path, [], say=lambda _: None, jobs=2)
+    assert len(calls) == 4 and peak[0] == 2
+    assert {env["OMP_NUM_THREADS"] for _, env in calls} == {"2"}
+    caches = {next(a for a in cmd if a.startswith("data.cache_dir=")) for cmd, _ in calls}
+    assert caches == {f"data.cache_dir={tmp_path / r / 'index-cache'}"
+                      for r in ("vanilla-s1", "vanilla-s2", "kmeans-s1", "kmeans-s2")}
