@@ -152,6 +152,11 @@ class TrainingConfig(_Group):
     max_skipped_steps: int = 10  # with nan_policy=skip: stop (with a diagnostic) after more skipped steps
 
 
+ParamClass = Literal["embedding", "output_layer", "router", "experts", "shared_experts", "mlp", "attention", "vectors"]
+UpdateRule = Literal["spectral", "spectral_heads", "row_norm", "hybrid", "row_aware", "col_aware", "centered_row_norm",
+                     "left_spectral", "row_unit", "centered_row_unit", "left_polar_nuclear", "adamw"]
+
+
 class OptimizerConfig(_Group):
     """The update rule, then warmup and decay to ``min_lr`` (Megatron-LM names). docs/optimizers.md.
 
@@ -189,6 +194,19 @@ class OptimizerConfig(_Group):
     symmetric_embedding_rule: Literal["row_norm", "hybrid", "spectral"] = "row_norm"  # embeddings, LM head
     symmetric_router_rule: Literal["centered_row_norm", "left_spectral"] = "centered_row_norm"
     symmetric_mlp_rule: Literal["aware", "spectral"] = "aware"  # aware: fc1 row-aware, fc2 column-aware
+    # Per parameter class (moe_erc/param_groups.py): update rule, peak lr, weight decay; a preset fills them
+    # (paper: Lau & Su's OLMoE assignment; paper_adamw_control: their AdamW-for-embedding/head/router control).
+    symmetric_preset: Literal["none", "paper", "paper_adamw_control"] = "none"
+    param_rules: dict[ParamClass, UpdateRule] = {}
+    param_lr: dict[ParamClass, float] = {}
+    param_weight_decay: dict[ParamClass, float] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        from moe_erc.param_groups import preset_fields
+
+        return preset_fields(data)
 
 
 class LoggingConfig(_Group):
@@ -314,6 +332,9 @@ def _value_problems(cfg: Config):
         yield f"optimizer.muon_num_ns_steps={o.muon_num_ns_steps} must be >= 1 (Newton-Schulz iterations; 5 is usual)"
     if o.muon_extra_scale_factor <= 0:
         yield f"optimizer.muon_extra_scale_factor={o.muon_extra_scale_factor} must be > 0"
+    from moe_erc.param_groups import problems as param_group_problems
+
+    yield from param_group_problems(cfg)
     if o.lr_decay_iters is not None and o.lr_decay_iters < 1:
         yield f"optimizer.lr_decay_iters={o.lr_decay_iters} must be >= 1 (or unset: training.train_iters)"
     head_dim = m.hidden_size // m.num_attention_heads if m.hidden_size % m.num_attention_heads == 0 else 0

@@ -52,30 +52,37 @@ def newton_schulz_precision(cfg: Config) -> str:
 def tag_parameters(cfg: Config, model_chunks: list) -> dict[str, str]:
     """Set each parameter's Muon / symmetric update rule on it; returns ``{name: rule}``."""
     o = cfg.optimizer
-    from moe_erc import symmetric
+    from moe_erc import param_groups, symmetric
 
     return symmetric.tag_parameters(
-        model_chunks, o.name, gated=cfg.model.swiglu, embedding_rule=o.symmetric_embedding_rule,
-        router_rule=o.symmetric_router_rule, mlp_rule=o.symmetric_mlp_rule,
-        router_shift_invariant=cfg.moe.moe_router_score_function != "sigmoid")
+        model_chunks, o.name, gated=cfg.model.swiglu, head_dim=cfg.model.hidden_size // cfg.model.num_attention_heads,
+        embedding_rule=o.symmetric_embedding_rule, router_rule=o.symmetric_router_rule, mlp_rule=o.symmetric_mlp_rule,
+        router_shift_invariant=cfg.moe.moe_router_score_function != "sigmoid",
+        class_rules=param_groups.resolve(cfg)[0])
 
 
 def describe(cfg: Config, model_chunks: list, adam: str) -> str:
     """The banner's optimizer field: ``torch AdamW``, or ``symmetric (spectral 9, row_norm 2, ...; vectors
     torch AdamW)`` counting parameter tensors per update rule."""
-    if cfg.optimizer.name == "adamw":
-        return adam
-    from moe_erc import symmetric
+    from moe_erc import param_groups, symmetric
 
+    per_class = param_groups.summarize(cfg)
+    if cfg.optimizer.name == "adamw":
+        return f"{adam} ({per_class})" if per_class else adam
     rules = {n: getattr(p, "symmetry_rule", "adamw") for c in model_chunks for n, p in c.named_parameters()
              if p.requires_grad}
-    return f"{cfg.optimizer.name} ({symmetric.summarize(rules)}; adamw = {adam})"
+    preset = f"preset {cfg.optimizer.symmetric_preset}: " if cfg.optimizer.symmetric_preset != "none" else ""
+    return (f"{cfg.optimizer.name} ({preset}{symmetric.summarize(rules)}; adamw = {adam}"
+            + (f"; {per_class})" if per_class else ")"))
 
 
 def build_optimizer(cfg: Config, tf_config: TransformerConfig, model_chunks: list):
     """megatron optimizer over the DDP-wrapped chunks (torch AdamW when apex/TE are absent)."""
+    from moe_erc import param_groups
+
     o = cfg.optimizer
     name = megatron_optimizer_name(cfg)
+    param_groups.tag_classes(model_chunks)
     muon = {}
     if name != "adam":
         tag_parameters(cfg, model_chunks)
@@ -99,7 +106,7 @@ def build_optimizer(cfg: Config, tf_config: TransformerConfig, model_chunks: lis
         params_dtype=tf_config.params_dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
     )
-    optimizer = get_megatron_optimizer(opt_config, model_chunks)
+    optimizer = get_megatron_optimizer(opt_config, model_chunks, config_overrides=param_groups.megatron_overrides(cfg))
     if name != "adam":
         from moe_erc import symmetric
 

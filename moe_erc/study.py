@@ -51,11 +51,30 @@ METHODS = {
     "kmeans-center": ("K-Means, centred hidden states", [*_KM, "moe.kmeans_center=true"]),
     "kmeans-nograd": ("K-Means, gates without gradient", [*_KM, "moe.kmeans_gate_grad=false"]),
     "noaux": ("no balancing (aux loss 0)", ["moe.moe_router_load_balancing_type=none", "moe.moe_aux_loss_coeff=0"]),
+    # --optimizer-ablation (issue 22): the authors' stack against their control, and where Muon's anti-coupling
+    # comes from (Muon on one component at a time; Muon without the aux loss).
+    "paper": ("Lau & Su's OLMoE stack (symmetric_preset: paper)", ["optimizer.symmetric_preset=paper"]),
+    "paper-control": ("their control: AdamW for embedding, LM head, router",
+                      ["optimizer.symmetric_preset=paper_adamw_control"]),
+    "muon-router": ("Muon on the router only (AdamW elsewhere)", [
+        "optimizer.name=muon", "optimizer.param_rules={attention: adamw, experts: adamw, shared_experts: adamw, "
+                               "mlp: adamw}"]),
+    "muon-experts": ("Muon on the routed experts only (AdamW elsewhere)", [
+        "optimizer.name=muon", "optimizer.param_rules={attention: adamw, router: adamw, shared_experts: adamw, "
+                               "mlp: adamw}"]),
+    "muon-aux0": ("Muon, aux loss 0", ["optimizer.name=muon", "moe.moe_router_load_balancing_type=none",
+                                       "moe.moe_aux_loss_coeff=0"]),
 }
 ROUTING_METHODS = ["vanilla", "erc-0.25", "erc-0.5", "erc-1", "erc-2", "aoe", "kmeans", "auxfree"]
 OPTIMIZER_METHODS = ["vanilla", "erc-1", "muon", "muon-erc-1", "symmetric", "symmetric-erc-1"]
 KMEANS_VARIANTS = ["kmeans", "kmeans-running", "kmeans-seed16", "kmeans-reseed10", "kmeans-center", "kmeans-nograd"]
 KMEANS_METHODS = ["vanilla", "auxfree", "noaux", *KMEANS_VARIANTS]
+ANTI_COUPLING = ["muon-router", "muon-experts", "muon-aux0"]  # one seed each: the sign is what is asked
+ABLATION_METHODS = ["paper", "paper-control", *ANTI_COUPLING]
+# The authors' figures: symmetric embedding/LM-head/router rules end 0.02-0.04 nats below their AdamW control.
+PAPER_GAP = (0.02, 0.04)
+# A coupling this far from 0 has a sign (seed spread of Muon's coupling in docs/optimizers: 0.02-0.05).
+CLEAR_COUPLING = 0.1
 # "Modest perplexity increase": at most this much validation loss (nats) above aux-loss balancing.
 MODEST_LOSS_INCREASE = 0.05
 # One colour per method in every figure.
@@ -86,10 +105,11 @@ def _finished(run_dir: Path, train_iters: int) -> bool:
 
 
 def run_all(config: str, methods: list[str], seeds: list[int], runs: Path, extra: list[str],
-            say=print, jobs: int = 1) -> dict[tuple[str, int], Path]:
+            say=print, jobs: int = 1, seeds_for: dict[str, list[int]] | None = None) -> dict[tuple[str, int], Path]:
     """Train every (method, seed) not finished yet, one process each, ``jobs`` at a time; returns their run
     directories. With ``jobs`` > 1 each process gets ``cpu_count // jobs`` threads (OMP_NUM_THREADS): small
-    models scale poorly across threads, so 2 one-thread runs on 2 cores train ~1.7x the tokens of one."""
+    models scale poorly across threads, so 2 one-thread runs on 2 cores train ~1.7x the tokens of one.
+    ``seeds_for``: a method's own seeds (default ``seeds``)."""
     import threading
     from concurrent.futures import ThreadPoolExecutor
 
@@ -99,7 +119,7 @@ def run_all(config: str, methods: list[str], seeds: list[int], runs: Path, extra
     train_iters = load_config(config, extra).training.train_iters
     done, todo = {}, []
     for method in methods:
-        for seed in seeds:
+        for seed in (seeds_for or {}).get(method, seeds):
             run_dir = runs / f"{method}-s{seed}"
             done[(method, seed)] = run_dir
             if _finished(run_dir, train_iters):
@@ -383,6 +403,51 @@ def kmeans_claims(results: dict[str, list[dict]]) -> list[tuple[str, str, str]]:
     return out
 
 
+def ablation_claims(results: dict[str, list[dict]], muon_coupling: float | None = None) -> list[tuple[str, str, str]]:
+    """(claim, verdict, evidence) for the optimizer ablation. Tests, fixed before the runs:
+
+    (i) the authors' stack vs its control, seed-paired validation loss control - preset: reproduced when > 0
+    by more than 2 std (n >= 2), not reproduced when < 0 by more than 2 std, else inconclusive; the mean is
+    shown beside the paper's 0.02-0.04. (j) the hypothesis that spectral updates on the experts produce the
+    anti-coupling: supported when Muon on the experts alone gives coupling < -CLEAR_COUPLING and Muon on the
+    router alone does not; refuted when Muon on the experts alone gives coupling > -CLEAR_COUPLING (no clear
+    negative sign); else inconclusive. (k) the aux loss is not what makes it: Muon without the aux loss still
+    has coupling < -CLEAR_COUPLING (reproduced), or not (> -CLEAR_COUPLING: the aux loss takes part).
+    ``muon_coupling``: Muon everywhere, for the evidence line (docs/optimizers).
+    """
+    out = []
+    paper, control = results.get("paper"), results.get("paper-control")
+    if paper and control:
+        mean, std = _paired(control, paper)
+        n = min(len(paper), len(control))
+        verdict = "inconclusive" if n < 2 else (
+            "reproduced" if mean > 0 and mean > 2 * std else ("not reproduced" if -mean > 2 * std else "inconclusive"))
+        out.append(("(i) the authors' symmetric rules for embedding, LM head and router reach a lower validation loss "
+                    "than their AdamW control (paper: 0.02-0.04 nats)", verdict,
+                    f"seed-paired control - preset: {mean:+.4f} ± {std:.4f} over {n} seed(s) (paper: "
+                    f"+{PAPER_GAP[0]}..+{PAPER_GAP[1]}; test: > 0 by more than 2 std = reproduced)"))
+
+    def coupling(name):
+        runs = results.get(name)
+        return statistics.mean(r["coupling"] for r in runs) if runs and all(
+            r.get("coupling") is not None for r in runs) else None
+
+    experts, router, aux0 = coupling("muon-experts"), coupling("muon-router"), coupling("muon-aux0")
+    base = f"; Muon everywhere {muon_coupling:+.3f}" if muon_coupling is not None else ""
+    if experts is not None and router is not None:
+        verdict = ("supported" if experts < -CLEAR_COUPLING and router >= -CLEAR_COUPLING else
+                   "refuted" if experts >= -CLEAR_COUPLING else "inconclusive")
+        out.append(("(j) spectral (Muon) updates on the experts produce the router-expert anti-coupling", verdict,
+                    f"final validation coupling: Muon on the experts only {experts:+.3f}, on the router only "
+                    f"{router:+.3f}{base} (test: experts < -{CLEAR_COUPLING} and router >= -{CLEAR_COUPLING} = "
+                    f"supported; experts >= -{CLEAR_COUPLING} = refuted)"))
+    if aux0 is not None:
+        out.append(("(k) Muon's anti-coupling does not need the aux loss",
+                    "reproduced" if aux0 < -CLEAR_COUPLING else "not reproduced",
+                    f"final validation coupling, Muon with aux loss 0: {aux0:+.3f}{base} (test: < -{CLEAR_COUPLING})"))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- writing
 
 
@@ -473,7 +538,8 @@ def write_report(results, config: str, extra: list[str], seeds: list[int], out: 
     cfg = load_config(config, extra)
     m, moe, t = cfg.model, cfg.moe, cfg.training
     lines = [
-        "# Optimizer comparison: AdamW, Muon, symmetric" if "symmetric" in results else (
+        "# Optimizer ablation: the authors' stack, and where Muon's anti-coupling comes from" if "paper" in results
+        else "# Optimizer comparison: AdamW, Muon, symmetric" if "symmetric" in results else (
             "# K-Means ablation and router geometry" if "kmeans-running" in results else "# The small-scale study"), "",
         f"Command: `{command}`  ",
         f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, Python {platform.python_version()}; "
@@ -513,7 +579,10 @@ def write_report(results, config: str, extra: list[str], seeds: list[int], out: 
         lines += ["", "## Optimizers (docs/optimizers.md): AdamW vs Muon vs the symmetric stack", "",
                   *optimizer_rows(results)]
     lines += ["", "## The paper's claims at this scale", ""]
-    for claim, verdict, evidence in claims(results) + optimizer_claims(results) + kmeans_claims(results):
+    muon = results.get("muon")
+    muon_coupling = statistics.mean(r["coupling"] for r in muon) if muon else None
+    for claim, verdict, evidence in (claims(results) + optimizer_claims(results) + kmeans_claims(results)
+                                     + ablation_claims(results, muon_coupling)):
         lines.append(f"- **{claim}: {verdict}.** {evidence}")
     lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in names] + [""]
     path = out / "README.md"
@@ -539,6 +608,10 @@ def main(argv=None) -> int:
     parser.add_argument("--kmeans-ablation", action="store_true",
                         help="the K-Means router's options against aux-loss and aux-loss-free balancing, and no "
                              "balancing (methods " + ",".join(KMEANS_METHODS) + "; default --out docs/study/kmeans)")
+    parser.add_argument("--optimizer-ablation", action="store_true",
+                        help="Lau & Su's OLMoE stack against their AdamW control, and Muon on one component at a time "
+                             "(methods " + ",".join(ABLATION_METHODS) + f"; {', '.join(ANTI_COUPLING)} on the first "
+                             "seed only; default --out docs/optimizers/ablation)")
     parser.add_argument("--seeds", default=None, help="comma list (default: 3 seeds; --quick: 1)")
     parser.add_argument("--runs", default=RUNS_DEFAULT, help="where the runs go (resumable; --quick: runs/study-quick)")
     parser.add_argument("--out", default=None, help="where README.md and the figures go (default docs/study; "
@@ -550,7 +623,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from moe_erc.errors import ConfigError
 
-    default = OPTIMIZER_METHODS if args.optimizers else (KMEANS_METHODS if args.kmeans_ablation else ROUTING_METHODS)
+    default = (OPTIMIZER_METHODS if args.optimizers else KMEANS_METHODS if args.kmeans_ablation else
+               ABLATION_METHODS if args.optimizer_ablation else ROUTING_METHODS)
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs} must be at least 1")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None else default
@@ -560,7 +634,8 @@ def main(argv=None) -> int:
         args.runs = args.runs if args.runs != RUNS_DEFAULT else RUNS_DEFAULT + "-quick"
         args.out = args.out or str(Path(args.runs) / "report")
     args.out = args.out or ("docs/optimizers" if args.optimizers else
-                            "docs/study/kmeans" if args.kmeans_ablation else "docs/study")
+                            "docs/study/kmeans" if args.kmeans_ablation else
+                            "docs/optimizers/ablation" if args.optimizer_ablation else "docs/study")
     check_output_dir(args.out)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -573,8 +648,9 @@ def main(argv=None) -> int:
     if not seeds:
         raise ConfigError(f"--seeds '{args.seeds}' must be comma-separated integers, e.g. 1234,2345")
     extra = [*(QUICK if args.quick else []), *args.set]
-    runs = run_all(args.config, methods, seeds, Path(args.runs), extra, jobs=args.jobs)
-    results = {m: [measure(args.config, m, runs[(m, s)], extra) for s in seeds] for m in methods}
+    seeds_for = {m: seeds[:1] for m in ANTI_COUPLING} if args.optimizer_ablation else {}
+    runs = run_all(args.config, methods, seeds, Path(args.runs), extra, jobs=args.jobs, seeds_for=seeds_for)
+    results = {m: [measure(args.config, m, runs[(m, s)], extra) for s in seeds_for.get(m, seeds)] for m in methods}
     command = "moe-erc study " + " ".join(argv if argv is not None else sys.argv[2:])
     path = write_report(results, args.config, extra, seeds, Path(args.out), command.strip())
     print(f"study: wrote {path} and {len(list(Path(args.out).glob('*.png')))} figures")

@@ -21,6 +21,18 @@ left_spectral      ``k s polar(C)``, then recentered                            
 adamw              megatron's AdamW (vectors: norms, biases)                     coordinate-wise
 =================  ============================================================  ==============================
 
+Lau & Su's own rules (their code, timlautk/equivariant_optimizers; ``optimizer.symmetric_preset: paper``) take
+the EMA momentum ``M`` without Nesterov and no shape scale: the learning rate is the step's size itself.
+
+=================  ============================================================  ==============================
+row_unit           ``m_i / (|m_i| + 1e-8)`` per row (their ``RowNormM``)           ``S_out x O(in)``
+centered_row_unit  ``C = M - 1 mean_rows(M)``, row_unit(C), then recentered        ``S_E x O(in)``, shared shift
+left_polar_nuclear ``|C|_* polar(C)``, recentered (their ``LeftPolarGradM``,        ``S_E x O(in)``, shared shift
+                   alpha=1: the nuclear norm times the left-spectral direction)
+spectral_heads     ``k s polar`` per attention head: QKV rows in blocks of          ``O(head_dim) x O(in)`` per
+                   ``head_dim``, output-projection columns likewise               head
+=================  ============================================================  ==============================
+
 Under tensor parallelism every row- or column-wise quantity (row norms, a neuron's gate and up rows,
 column norms) lives on one rank, so ``row_norm`` and ``centered_row_norm`` never communicate; ``polar``
 needs the whole matrix, which is all-gathered over the (expert-)TP group along the parameter's
@@ -48,12 +60,16 @@ from megatron.core.optimizer import emerging_optimizers as _eo  # noqa: E402
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate  # noqa: E402
 
 HAVE_EMERGING_OPTIMIZERS = _eo.HAVE_EMERGING_OPTIMIZERS
-RULES = ("spectral", "row_norm", "hybrid", "row_aware", "col_aware", "centered_row_norm", "left_spectral",
-         "adamw")
+RULES = ("spectral", "spectral_heads", "row_norm", "hybrid", "row_aware", "col_aware", "centered_row_norm",
+         "left_spectral", "row_unit", "centered_row_unit", "left_polar_nuclear", "adamw")
+# Rules updated from the EMA momentum itself (no Nesterov), as the authors' RowNormM and LeftPolarGradM.
+MOMENTUM_RULES = ("row_unit", "centered_row_unit", "left_polar_nuclear")
+PAPER_EPS = 1e-8  # their row_mode "inverse_eps": m / (|m| + eps)
 REGISTRY_NAME = {"muon": "moe_erc_muon", "symmetric": "moe_erc_symmetric"}  # names in megatron's registry
 # Parameter attributes the rules read; megatron's bf16 optimizer copies only its own onto the fp32 main
 # parameters, so :func:`propagate_tags` copies these too (megatron's Muon needs expert_tp / is_qkv there).
-TAGS = ("symmetry_rule", "glu_halves", "expert_tp", "is_qkv", "qkv_split_shapes")
+TAGS = ("symmetry_rule", "glu_halves", "expert_tp", "is_qkv", "qkv_split_shapes", "head_dim", "head_layout",
+        "param_class")
 EPS = 1e-12
 
 
@@ -75,9 +91,19 @@ def col_normalize(x: torch.Tensor) -> torch.Tensor:
     return x / x.square().sum(-2, keepdim=True).sqrt().clamp_min(EPS)
 
 
-def center_rows(x: torch.Tensor) -> torch.Tensor:
-    """``x - 1 mean_rows(x)``: removes the component a shared shift of every row would add."""
-    return x - x.mean(dim=-2, keepdim=True)
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """The authors' row normalisation: ``x_i / (|x_i| + 1e-8)`` (a zero row stays zero)."""
+    return x / (x.norm(dim=-1, keepdim=True) + PAPER_EPS)
+
+
+def center_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """``x - 1 mean_rows(x)``: removes the component a shared shift of every row would add. ``group``: the
+    rows are sharded over it (the mean is all-reduced)."""
+    if group is None:
+        return x - x.mean(dim=-2, keepdim=True)
+    total = x.sum(dim=-2, keepdim=True)
+    dist.all_reduce(total, group=group)
+    return x - total / (x.shape[-2] * dist.get_world_size(group))
 
 
 def _gather(x: torch.Tensor, group, dim: int | None) -> torch.Tensor:
@@ -105,10 +131,12 @@ def polar(x: torch.Tensor, steps: int, coefficient_type: str, group=None, dim: i
 
 def apply_rule(rule: str, g: torch.Tensor, *, steps: int = 5, coefficient_type: str = "quintic",
                scale_mode: str = "spectral", extra_scale: float = 1.0, glu_halves: bool = False,
-               group=None, partition_dim: int | None = None) -> torch.Tensor:
+               group=None, partition_dim: int | None = None, head_dim: int | None = None,
+               head_layout: str = "rows") -> torch.Tensor:
     """The update of one block (``[out, in]``, or ``[experts, out, in]``) from its momentum ``g``.
 
     ``group``/``partition_dim``: the TP group and the axis ``g`` is sharded along (None: not sharded).
+    ``spectral_heads``: ``head_dim`` and whether heads are blocks of rows (QKV) or of columns (projection).
     """
     from emerging_optimizers.orthogonalized_optimizers.muon import get_muon_scale_factor
 
@@ -139,6 +167,25 @@ def apply_rule(rule: str, g: torch.Tensor, *, steps: int = 5, coefficient_type: 
         return center_rows(u) * extra_scale
     if rule == "left_spectral":  # polar(C) has zero row-sum in exact arithmetic; recentering makes it exact
         return center_rows(orth(center_rows(g)))
+    if rule == "row_unit":
+        return unit_rows(g)
+    if rule == "centered_row_unit":  # a vocab-parallel LM head: the mean over rows spans the TP group
+        rows_group = group if partition_dim == g.dim() - 2 and tp > 1 else None
+        return center_rows(unit_rows(center_rows(g, rows_group)), rows_group)
+    if rule == "left_polar_nuclear":  # |C|_* = tr(polar(C)^T C): no SVD, no host read
+        if partition_dim is not None and tp > 1:
+            raise ValueError("left_polar_nuclear expects a replicated matrix (a router), not a TP shard")
+        c = center_rows(g)
+        o = polar(c, steps, coefficient_type)
+        return center_rows((o * c).sum(dim=(-2, -1), keepdim=True) * o)
+    if rule == "spectral_heads":  # heads are whole on every TP rank: no gather
+        if head_layout == "rows":
+            blocks = g.reshape(-1, head_dim, g.shape[-1])
+        else:
+            blocks = g.reshape(g.shape[0], -1, head_dim).transpose(0, 1)
+        scale = get_muon_scale_factor(blocks.shape[-2], blocks.shape[-1], mode=scale_mode) * extra_scale
+        u = polar(blocks, steps, coefficient_type) * scale
+        return u.reshape(g.shape) if head_layout == "rows" else u.transpose(0, 1).reshape(g.shape)
     raise ValueError(f"unknown update rule {rule!r}; choose one of {RULES}")
 
 
@@ -147,7 +194,7 @@ def apply_rule(rule: str, g: torch.Tensor, *, steps: int = 5, coefficient_type: 
 
 def rule_for(name: str, param: torch.nn.Parameter, optimizer: str, embedding_rule: str = "row_norm",
              router_rule: str = "centered_row_norm", mlp_rule: str = "aware", router_shift_invariant: bool = True,
-             ) -> str:
+             class_rules: dict[str, str] | None = None) -> str:
     """The update rule of one named parameter of our GPT model under ``optimizer`` (muon | symmetric).
 
     ``muon``: megatron's assignment (every matrix spectral, embeddings/LM head and vectors AdamW), with
@@ -155,9 +202,14 @@ def rule_for(name: str, param: torch.nn.Parameter, optimizer: str, embedding_rul
     ``symmetric``: embeddings/LM head ``embedding_rule``; attention and other matrices spectral; (expert)
     SwiGLU fc1 row-aware and fc2 column-aware (``mlp_rule=spectral``: both spectral); router
     ``router_rule`` when the router's scores ignore a shared shift (softmax), else row_norm (sigmoid).
+    ``class_rules``: a rule per parameter class (moe_erc/param_groups.py), before either assignment.
     """
+    from moe_erc.param_groups import param_class
+
     if param.dim() < 2 or param.dim() > 3:
         return "adamw"
+    if class_rules and param_class(name, param) in class_rules:
+        return class_rules[param_class(name, param)]
     embedding = "word_embeddings" in name or "position_embeddings" in name or name.startswith("output_layer") \
         or ".output_layer." in name
     if optimizer == "muon":
@@ -175,9 +227,10 @@ def rule_for(name: str, param: torch.nn.Parameter, optimizer: str, embedding_rul
     return "spectral"
 
 
-def tag_parameters(model_chunks, optimizer: str, gated: bool, **rule_options) -> dict[str, str]:
-    """Set ``param.symmetry_rule`` (and ``glu_halves`` on SwiGLU fc1 weights) on every trainable parameter;
-    returns ``{name: rule}``."""
+def tag_parameters(model_chunks, optimizer: str, gated: bool, head_dim: int | None = None,
+                   **rule_options) -> dict[str, str]:
+    """Set ``param.symmetry_rule`` (and ``glu_halves`` on SwiGLU fc1 weights, ``head_dim``/``head_layout`` on
+    head-wise attention weights) on every trainable parameter; returns ``{name: rule}``."""
     rules = {}
     for chunk in model_chunks:
         for name, param in chunk.named_parameters():
@@ -186,6 +239,10 @@ def tag_parameters(model_chunks, optimizer: str, gated: bool, **rule_options) ->
             rule = rule_for(name, param, optimizer, **rule_options)
             param.symmetry_rule = rule
             param.glu_halves = gated and rule == "row_aware" and ("linear_fc1" in name or name.endswith("weight1"))
+            if rule == "spectral_heads":
+                if head_dim is None or "linear_qkv" not in name and "linear_proj" not in name:
+                    raise ValueError(f"spectral_heads applies to attention QKV / output projections, not {name}")
+                param.head_dim, param.head_layout = head_dim, "rows" if "linear_qkv" in name else "cols"
             if ".experts." in name and "shared" not in name:
                 param.expert_tp = True  # megatron's Muon uses this to pick the expert-TP group
             rules[name] = rule
@@ -227,6 +284,8 @@ if HAVE_EMERGING_OPTIMIZERS:
 
         def orthogonalize(self, p: torch.Tensor, grad: torch.Tensor, **kwargs: Any) -> torch.Tensor:
             rule = getattr(p, "symmetry_rule", "spectral")
+            if rule in MOMENTUM_RULES:  # the authors' EMA momentum, without megatron's Nesterov mix
+                grad = self.state[p]["momentum_buffer"]
             if rule == "spectral" and grad.dim() == 2:
                 return super().orthogonalize(p, grad, **kwargs)  # megatron's path (QKV split, TP modes)
             group = None
@@ -236,7 +295,8 @@ if HAVE_EMERGING_OPTIMIZERS:
             if partition_dim == -1 or not getattr(p, "tensor_model_parallel", False) or self.tp_mode == "blockwise":
                 partition_dim = None  # not sharded, or blockwise: each shard on its own (layout-dependent)
             return apply_rule(rule, grad, glu_halves=getattr(p, "glu_halves", False), group=group,
-                              partition_dim=partition_dim, **self._ns).to(grad.dtype)
+                              partition_dim=partition_dim, head_dim=getattr(p, "head_dim", None),
+                              head_layout=getattr(p, "head_layout", "rows"), **self._ns).to(grad.dtype)
 
     def _uses_adamw(param) -> bool:
         return getattr(param, "symmetry_rule", "adamw") == "adamw"

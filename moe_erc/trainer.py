@@ -316,7 +316,7 @@ class Trainer:
             micro_batch_size=self.cfg.training.micro_batch_size,
             forward_only=False,
         )
-        lr = self.optimizer.param_groups[0]["lr"]  # the rate this step's update uses
+        lr = self.scheduler.get_lr({})  # the base rate this step uses (param_lr classes scale with it)
         lm_loss, finite, self._stop_requested = self._read_step(losses)
         if not finite:
             routers.end_of_step(self.model, applied=False)  # e.g. K-Means drops this step's statistics

@@ -106,3 +106,28 @@ def test_run_all_trains_jobs_at_once_with_split_threads_and_own_index_caches(tmp
     caches = {next(a for a in cmd if a.startswith("data.cache_dir=")) for cmd, _ in calls}
     assert caches == {f"data.cache_dir={tmp_path / r / 'index-cache'}"
                       for r in ("vanilla-s1", "vanilla-s2", "kmeans-s1", "kmeans-s2")}
+
+
+def test_optimizer_ablation_judges_the_preset_gap_and_where_the_anti_coupling_lives():
+    """Synthetic results, verdicts by hand: (i) control - preset per seed; (j) Muon on experts vs router only;
+    (k) Muon without the aux loss."""
+    from moe_erc.study import ablation_claims
+
+    def run(loss, coupling=0.1):
+        return {"valid_loss": loss, "coupling": coupling}
+
+    results = {"paper": [run(4.00), run(4.10), run(4.20)], "paper-control": [run(4.03), run(4.12), run(4.24)],
+               "muon-experts": [run(4.1, -0.30)], "muon-router": [run(4.2, 0.12)], "muon-aux0": [run(4.1, -0.35)]}
+    claims = {c[:3]: (v, e) for c, v, e in ablation_claims(results, muon_coupling=-0.36)}
+    # control - preset = +0.03, +0.02, +0.04: mean 0.03, std 0.01 -> 0.03 > 0.02: reproduced
+    assert claims["(i)"][0] == "reproduced" and "+0.0300 ± 0.0100 over 3 seed(s)" in claims["(i)"][1]
+    assert claims["(j)"][0] == "supported" and "experts only -0.300, on the router only +0.120" in claims["(j)"][1]
+    assert "Muon everywhere -0.360" in claims["(j)"][1]
+    assert claims["(k)"][0] == "reproduced"
+    results["muon-router"] = [run(4.2, -0.25)]  # both negative: cannot pin it on the experts
+    results["muon-aux0"] = [run(4.1, 0.02)]
+    results["paper-control"] = [run(3.98), run(4.07), run(4.19)]  # control better by 0.02, 0.03, 0.01
+    claims = {c[:3]: v for c, v, _ in ablation_claims(results)}
+    assert claims == {"(i)": "not reproduced", "(j)": "inconclusive", "(k)": "not reproduced"}
+    results["muon-experts"] = [run(4.1, 0.05)]
+    assert {c[:3]: v for c, v, _ in ablation_claims(results)}["(j)"] == "refuted"

@@ -177,3 +177,163 @@ def test_two_process_layouts_give_the_single_process_update(layouts, layout):
         for name, (err, moved) in row["errors"].items():
             assert moved > 1e-3, name  # the step really moved the weights
             assert err < 1e-5 * max(1.0, moved), (layout, name, err, moved)
+
+
+# ---------------------------------------------------------------- the authors' rules (symmetric_preset: paper)
+
+
+def svd_polar(x: torch.Tensor) -> torch.Tensor:
+    """``U V^T`` over the singular values that are not zero (float64 SVD): the exact polar factor."""
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    keep = s > 1e-9 * s.max()
+    return (u[:, keep] @ vh[keep]).float()
+
+
+def test_the_authors_row_rules_are_their_formulas_row_by_row():
+    """RowNormM: ``m_i / (|m_i| + 1e-8)``; centred: the mean row removed before and after (rows loop by hand)."""
+    g = grad(6, 5, seed=30)
+    g[2] = 0.0  # a token absent from the batch: no update
+    unit = apply_rule("row_unit", g)
+    for i in range(6):
+        norm = sum(v * v for v in g[i].tolist()) ** 0.5
+        close(unit[i], g[i] / (norm + 1e-8), tol=1e-6)
+    assert unit[2].abs().max() == 0
+    mean = sum(g[i] for i in range(6)) / 6
+    rows = [(g[i] - mean) / ((g[i] - mean).norm() + 1e-8) for i in range(6)]
+    rows_mean = sum(rows) / 6
+    close(apply_rule("centered_row_unit", g), torch.stack([r - rows_mean for r in rows]), tol=1e-6)
+
+
+def test_left_polar_nuclear_is_the_nuclear_norm_times_the_left_spectral_direction():
+    """LeftPolarGradM with alpha = 1: ``|C|_* U V^T`` of the centred momentum (SVD), recentred; the scale is
+    the raw nuclear norm, no shape factor. Polar Express run to convergence (its last, repeated step is the
+    classic convergent quintic) makes polar exact."""
+    g = grad(5, 9, seed=31)
+    c = g - g.mean(0)
+    nuclear = torch.linalg.svdvals(c.double()).sum().item()
+    expected = nuclear * svd_polar(c)
+    expected = expected - expected.mean(0)
+    got = apply_rule("left_polar_nuclear", g, steps=30, coefficient_type="polar_express")
+    close(got, expected, tol=1e-4)
+    close(got.sum(0), torch.zeros(9), tol=1e-5)  # the shared shift never moves
+    shifted = apply_rule("left_polar_nuclear", g + torch.randn(1, 9), steps=30, coefficient_type="polar_express")
+    close(shifted, got, tol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+def test_spectral_heads_orthogonalizes_each_attention_head_with_its_own_shape_scale(layout):
+    """QKV: every ``head_dim`` rows are one head; projection: every ``head_dim`` columns. Each block gets
+    ``polar`` and Keller Jordan's ``max(1, out/in)^0.5`` on the block's shape (their Muon per head)."""
+    hd, heads, width = 3, 4, 8
+    g = grad(heads * hd, width, seed=32) if layout == "rows" else grad(width, heads * hd, seed=32)
+    got = apply_rule("spectral_heads", g, steps=30, coefficient_type="polar_express", scale_mode="shape_scaling",
+                     head_dim=hd, head_layout=layout)
+    for h in range(heads):
+        block = g[h * hd:(h + 1) * hd] if layout == "rows" else g[:, h * hd:(h + 1) * hd]
+        out = got[h * hd:(h + 1) * hd] if layout == "rows" else got[:, h * hd:(h + 1) * hd]
+        scale = max(1.0, block.shape[0] / block.shape[1]) ** 0.5
+        close(out, scale * svd_polar(block), tol=1e-4)
+
+
+def test_the_authors_rules_step_on_the_ema_momentum_without_nesterov():
+    """Their RowNormM: ``m = b m + (1 - b) g`` then the rule on ``m`` (megatron's Nesterov mix is for Muon);
+    decoupled decay ``w (1 - lr wd)``; no extra scale."""
+    w0, g1, g2 = grad(6, 8, seed=33), grad(6, 8, seed=34), grad(6, 8, seed=35)
+    param = torch.nn.Parameter(w0.clone())
+    param.symmetry_rule = "centered_row_unit"
+    lr, wd, beta = 0.05, 0.1, 0.9
+    opt = symmetric.SymmetricMuon([param], lr=lr, momentum=beta, nesterov=True, weight_decay=wd,
+                                  fp32_matmul_prec="highest", extra_scale_factor=0.2)
+    w, m = w0.clone(), torch.zeros_like(w0)
+    for g in (g1, g2):
+        param.grad = g.clone()
+        opt.step()
+        m = beta * m + (1 - beta) * g
+        c = m - m.mean(0)
+        u = c / (c.norm(dim=1, keepdim=True) + 1e-8)
+        w = w * (1 - lr * wd) - lr * (u - u.mean(0))
+    close(param.detach(), w, tol=1e-6)
+
+
+@pytest.mark.parametrize("name, shape, cls, paper, control", [
+    ("embedding.word_embeddings.weight", (64, 8), "embedding", "row_unit", "adamw"),
+    ("output_layer.weight", (64, 8), "output_layer", "centered_row_unit", "adamw"),
+    ("decoder.layers.1.mlp.router.weight", (4, 8), "router", "centered_row_unit", "adamw"),
+    ("decoder.layers.0.self_attention.linear_qkv.weight", (24, 8), "attention", "spectral_heads", "spectral_heads"),
+    ("decoder.layers.0.self_attention.linear_proj.weight", (8, 8), "attention", "spectral_heads", "spectral_heads"),
+    ("decoder.layers.1.mlp.experts.weight1", (4, 32, 8), "experts", "spectral", "spectral"),
+    ("decoder.layers.1.mlp.experts.local_experts.3.linear_fc2.weight", (8, 16), "experts", "spectral", "spectral"),
+    ("decoder.layers.1.mlp.shared_experts.linear_fc1.weight", (32, 8), "shared_experts", "spectral", "spectral"),
+    ("decoder.layers.0.mlp.linear_fc1.weight", (32, 8), "mlp", "spectral", "spectral"),
+    ("decoder.layers.0.self_attention.q_layernorm.weight", (8,), "vectors", "adamw", "adamw"),
+])
+def test_the_presets_assign_the_authors_rules_per_class(name, shape, cls, paper, control):
+    from moe_erc.config import load_config
+    from moe_erc.param_groups import param_class, resolve
+
+    param = torch.nn.Parameter(torch.empty(shape))
+    assert param_class(name, param) == cls
+    for preset, rule in (("paper", paper), ("paper_adamw_control", control)):
+        rules = resolve(load_config(None, [f"optimizer.symmetric_preset={preset}"]))[0]
+        assert symmetric.rule_for(name, param, "symmetric", class_rules=rules) == rule
+
+
+def test_preset_entries_yield_to_explicit_ones_and_a_sigmoid_router_is_not_centred():
+    from moe_erc.config import ParamClass, UpdateRule, load_config
+    from moe_erc.param_groups import PARAM_CLASSES, resolve
+
+    assert ParamClass.__args__ == PARAM_CLASSES and set(UpdateRule.__args__) == set(symmetric.RULES)
+    cfg = load_config(None, ["optimizer.symmetric_preset=paper", "optimizer.param_rules={router: left_polar_nuclear}",
+                             "optimizer.param_lr={embedding: 0.1}", "optimizer.muon_extra_scale_factor=0.5"])
+    rules, lrs, wds = resolve(cfg)
+    assert (rules["router"], lrs["embedding"], lrs["router"], wds["router"]) == ("left_polar_nuclear", 0.1, 7.5e-4, 0.0)
+    assert (cfg.optimizer.name, cfg.optimizer.muon_scale_mode, cfg.optimizer.muon_extra_scale_factor) == \
+        ("symmetric", "shape_scaling", 0.5)
+    sigmoid = load_config(None, ["optimizer.symmetric_preset=paper", "moe.moe_router_score_function=sigmoid"])
+    assert resolve(sigmoid)[0]["router"] == "row_unit"
+
+
+def test_each_class_gets_its_learning_rate_and_decay_through_megatrons_param_groups():
+    """megatron's own grouping (``_get_param_groups``) with our overrides, then its scheduler: at the end of
+    warmup every class runs at its lr, at the end of decay at lr_c * min_lr / lr; decay follows wd_c."""
+    import torch.distributed as dist
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from moe_erc.config import load_config
+    from moe_erc.param_groups import megatron_overrides, tag_classes
+
+    cfg = load_config(None, ["optimizer.symmetric_preset=paper", "optimizer.lr=3e-3", "optimizer.min_lr=3e-4",
+                             "optimizer.weight_decay=0.1"])
+    model = torch.nn.Module()
+    shapes = {"embedding.word_embeddings.weight": (16, 4), "output_layer.weight": (16, 4),
+              "decoder.layers.0.mlp.router.weight": (4, 4), "decoder.layers.0.mlp.experts.weight1": (4, 8, 4),
+              "decoder.layers.0.self_attention.linear_qkv.weight": (12, 4), "decoder.final_layernorm.weight": (4,)}
+    for name, shape in shapes.items():
+        model.register_parameter(name.replace(".", "_"), torch.nn.Parameter(torch.zeros(shape)))
+    named = dict(zip(shapes, model.parameters()))
+    model.named_parameters = lambda: iter(named.items())
+    tag_classes([model])
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        groups = _get_param_groups([model], OptimizerConfig(lr=3e-3, min_lr=3e-4, weight_decay=0.1),
+                                   megatron_overrides(cfg))
+    finally:
+        dist.destroy_process_group()
+    opt = torch.optim.AdamW([{**g, "params": g["params"]} for g in groups], lr=3e-3, weight_decay=0.1)
+    sched = OptimizerParamScheduler(opt, init_lr=0.0, max_lr=3e-3, min_lr=3e-4, lr_warmup_steps=2,
+                                    lr_decay_steps=10, lr_decay_style="cosine", start_wd=0.1, end_wd=0.1,
+                                    wd_incr_steps=10, wd_incr_style="constant")
+    expected = {"embedding": (0.5, 0.0), "output_layer": (5e-3, 0.0), "router": (7.5e-4, 0.0),
+                "experts": (5e-3, 1e-3), "attention": (5e-3, 1e-3), "vectors": (1e-2, 1e-3)}
+
+    def by_class():
+        return {p.param_class: (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+
+    sched.step(2)
+    for cls, (lr, wd) in by_class().items():
+        assert lr == pytest.approx(expected[cls][0]) and wd == pytest.approx(expected[cls][1]), cls
+    sched.step(8)
+    for cls, (lr, _) in by_class().items():
+        assert lr == pytest.approx(expected[cls][0] * 0.1), cls

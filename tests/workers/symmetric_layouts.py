@@ -35,7 +35,14 @@ BLOCKS = {
     "router_left": ("left_spectral", (E, d), None, False, False),
     "experts_fc1": ("row_aware", (E, 2 * D, d), 1, True, True),
     "experts_fc2": ("col_aware", (E, d, D), 2, True, False),
+    # the authors' rules (symmetric_preset: paper); heads of 2 rows / columns, whole on each TP rank
+    "embedding_unit": ("row_unit", (V, d), 0, False, False),
+    "output_centered_unit": ("centered_row_unit", (V, d), 0, False, False),  # mean over vocab spans TP
+    "router_nuclear": ("left_polar_nuclear", (E, d), None, False, False),
+    "qkv_heads": ("spectral_heads", (12, d), 0, False, False),
+    "proj_heads": ("spectral_heads", (d, 12), 1, False, False),
 }
+HEAD_DIM = 2
 
 
 def full_tensors(seed):
@@ -92,6 +99,7 @@ def make_params(weights, tp, tp_rank, ep, ep_rank, sharded):
         rule, _, dim, expert, gated = BLOCKS[name]
         p = torch.nn.Parameter((shard(name, w, tp, tp_rank, ep, ep_rank) if sharded else w).clone())
         p.symmetry_rule, p.glu_halves, p.expert_tp = rule, gated, expert
+        p.head_dim, p.head_layout = HEAD_DIM, "rows" if dim == 0 else "cols"
         p.tensor_model_parallel = sharded and dim is not None and tp > 1
         p.partition_dim = dim if p.tensor_model_parallel else -1
         params[name] = p
