@@ -36,6 +36,8 @@ NOT_RUN = {
     "moe-erc study": "the full 2-hour study; `moe-erc study --quick` above runs the same code with one seed",
     "moe-erc study --kmeans-ablation": "27 runs of the study model; tests/test_study.py checks its report on "
                                        "synthetic results and tests/test_kmeans.py each option",
+    "moe-erc study --optimizer-ablation": "13 runs of the study model; tests/test_study.py checks its verdicts on "
+                                          "synthetic results, tests/test_optimizer_training.py trains the preset",
     "sbatch": "needs SLURM; tests/test_launchers.py runs the batch script's launch line",
     "lm_eval": "lm-evaluation-harness is not a test dependency here",
     "pip install -e .": "installs into the environment; scripts/setup_env.sh does the same for these tests",
