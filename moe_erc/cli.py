@@ -99,8 +99,14 @@ def _export(argv: list[str]) -> int:
     return export_main(argv)
 
 
+def _import(argv: list[str]) -> int:
+    from moe_erc.hf_import import main as import_main
+
+    return import_main(argv)
+
+
 _PASSTHROUGH = {"preprocess": _preprocess, "report": _report, "analyze": _analyze, "plan": _plan, "study": _study,
-                "export": _export}
+                "export": _export, "import": _import}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="parameters, memory per rank, FLOPs and ERC share of a config (meta device)")
     sub.add_parser("study", help="every method x seeds on configs/study.yaml, then docs/study/ (claims, figures)")
     sub.add_parser("export", help="a checkpoint as a Hugging Face transformers model directory (docs/export.md)")
+    sub.add_parser("import", help="a Hugging Face MoE checkpoint as a moe-erc checkpoint + config (docs/import.md)")
     return parser
 
 

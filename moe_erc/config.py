@@ -35,6 +35,7 @@ class ModelConfig(_Group):
     position_embedding_type: Literal["rope", "learned_absolute", "none"] = "rope"
     rotary_base: int = 10000
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
+    norm_epsilon: float = 1e-5  # RMSNorm / LayerNorm epsilon (megatron's layernorm_epsilon)
     swiglu: bool = True
     add_bias_linear: bool = False
     qk_layernorm: bool = False
@@ -341,6 +342,8 @@ def _value_problems(cfg: Config):
     if m.position_embedding_type == "rope" and head_dim % 2:
         yield (f"model.position_embedding_type=rope needs an even head dimension, but model.hidden_size="
                f"{m.hidden_size} / model.num_attention_heads={m.num_attention_heads} = {head_dim}; change either")
+    if m.norm_epsilon <= 0:
+        yield f"model.norm_epsilon={m.norm_epsilon} must be > 0"
     if not 0.0 <= m.hidden_dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
         yield "model.hidden_dropout and model.attention_dropout must be in [0, 1)"
     if isinstance(m.moe_layer_freq, list):

@@ -12,13 +12,14 @@ routing                                  architecture          how it is express
 top-K, softmax over the K (megatron's)   MixtralForCausalLM    softmax over all, top-K, renormalised
                                                                (the same gates)
 the same with dense layers mixed in      Qwen2MoeForCausalLM   ``mlp_only_layers``, ``norm_topk_prob``
+either, with per-head QK RMSNorm         Qwen3MoeForCausalLM   ``q_norm`` / ``k_norm`` over head_dim
 softmax over all, top-K, no renorm       Qwen2MoeForCausalLM   ``norm_topk_prob=false``, no shared expert,
 (``moe_router_pre_softmax``)                                   no QKV bias
 sigmoid + expert bias (aux-loss-free)    Glm4MoeForCausalLM    ``e_score_correction_bias``, one group,
                                                                ``first_k_dense_replace``, full rotary
 =======================================  ===================  ==========================================
 
-Anything else (AoE, K-Means, LayerNorm, biases, QK-norm, a capacity factor, ...) is refused in one line
+Anything else (AoE, K-Means, LayerNorm, biases, a capacity factor, ...) is refused in one line
 naming what no transformers class expresses. ERC adds no parameters: an ERC run exports like its router.
 Nothing here touches the network.
 """
@@ -72,8 +73,8 @@ def architecture(cfg: Config) -> str:
         missing.append("model.swiglu=false (the MoE classes use SwiGLU experts)")
     if m.add_bias_linear:
         missing.append("model.add_bias_linear=true (no linear biases in the MoE classes)")
-    if m.qk_layernorm:
-        missing.append("model.qk_layernorm=true (megatron's per-head QK norm)")
+    if m.qk_layernorm and moe.moe_router_score_function == "sigmoid":
+        missing.append("model.qk_layernorm=true with sigmoid routing (GLM-4-MoE's QK norm is not exported)")
     if m.position_embedding_type != "rope":
         missing.append(f"model.position_embedding_type={m.position_embedding_type} (the MoE classes use RoPE)")
     if moe.moe_expert_capacity_factor is not None:
@@ -89,6 +90,8 @@ def architecture(cfg: Config) -> str:
         raise ExportError("cannot export to transformers: " + "; ".join(missing))
     if sigmoid:
         return "glm4_moe"
+    if m.qk_layernorm:  # per-head RMSNorm on Q and K, as megatron's
+        return "qwen3_moe"
     if router_pre_softmax(cfg) or not all(kinds):
         return "qwen2_moe"
     return "mixtral"
@@ -105,7 +108,7 @@ def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
     common = dict(
         vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
         num_attention_heads=heads, num_key_value_heads=m.num_query_groups or heads, head_dim=m.hidden_size // heads,
-        hidden_act="silu", max_position_embeddings=m.max_position_embeddings or m.seq_length, rms_norm_eps=1e-5,
+        hidden_act="silu", max_position_embeddings=m.max_position_embeddings or m.seq_length, rms_norm_eps=m.norm_epsilon,
         tie_word_embeddings=not m.untie_embeddings_and_output_weights, attention_dropout=0.0,
         num_experts_per_tok=moe.moe_router_topk, bos_token_id=None, eos_token_id=eod, pad_token_id=eod,
         dtype=DTYPES[dtype],
@@ -117,6 +120,12 @@ def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
         return transformers.MixtralConfig(**common, intermediate_size=expert_width, num_local_experts=moe.num_experts,
                                           router_jitter_noise=0.0, sliding_window=None, rope_parameters=rope)
     kinds = layer_kinds(cfg)
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=moe.num_experts,
+            norm_topk_prob=not router_pre_softmax(cfg), attention_bias=False, decoder_sparse_step=1,
+            mlp_only_layers=[i for i, is_moe in enumerate(kinds) if not is_moe], use_sliding_window=False,
+            rope_parameters=rope)
     if arch == "qwen2_moe":
         return transformers.Qwen2MoeConfig(
             **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=moe.num_experts,
@@ -170,6 +179,9 @@ def convert(cfg: Config, state: dict, arch: str, vocab_size: int) -> dict[str, t
         out[f"{dst}.self_attn.k_proj.weight"] = qkv[:, -2].reshape(groups * hd, d)
         out[f"{dst}.self_attn.v_proj.weight"] = qkv[:, -1].reshape(groups * hd, d)
         out[f"{dst}.self_attn.o_proj.weight"] = state[f"{src}.self_attention.linear_proj.weight"]
+        if arch == "qwen3_moe":
+            out[f"{dst}.self_attn.q_norm.weight"] = state[f"{src}.self_attention.q_layernorm.weight"]
+            out[f"{dst}.self_attn.k_norm.weight"] = state[f"{src}.self_attention.k_layernorm.weight"]
         out[f"{dst}.input_layernorm.weight"] = _norm(state, f"{src}.input_layernorm.weight",
                                                      f"{src}.self_attention.linear_qkv.layer_norm_weight")
         out[f"{dst}.post_attention_layernorm.weight"] = _norm(state, f"{src}.pre_mlp_layernorm.weight",
@@ -249,8 +261,9 @@ def export(path: str, out: str, dtype: str = "fp32", tokenizer: str | None = Non
         arch = architecture(cfg)
         tok = run_tokenizer(cfg, Path(meta["step_dir"]), tokenizer)
         state = {k: v for k, v in net.state_dict().items() if "_extra_state" not in k}
-        weights = convert(cfg, state, arch, tok.vocab_size)
-    config = hf_config(cfg, arch, tok.vocab_size, tok.eod, dtype)
+        vocab = max(tok.vocab_size, cfg.model.vocab_size or 0)  # an imported model keeps its own vocabulary size
+        weights = convert(cfg, state, arch, vocab)
+    config = hf_config(cfg, arch, vocab, tok.eod, dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
     expected = set(model.state_dict())
@@ -264,7 +277,7 @@ def export(path: str, out: str, dtype: str = "fp32", tokenizer: str | None = Non
         GenerationConfig(eos_token_id=tok.eod, pad_token_id=tok.eod, bos_token_id=None).save_pretrained(str(staging))
         save_tokenizer(tok, staging)
     summary = {"architecture": type(model).__name__, "checkpoint": meta["step_dir"], "step": meta.get("step"),
-               "dtype": dtype, "vocab_size": tok.vocab_size, "parameters": sum(w.numel() for w in weights.values()),
+               "dtype": dtype, "vocab_size": vocab, "parameters": sum(w.numel() for w in weights.values()),
                "out": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir())}
     return summary
 

@@ -62,12 +62,15 @@ def expert_width(cfg: Config) -> int:
 
 
 def padded_vocab_size(cfg: Config, vocab_size: int | None = None) -> int:
-    """``vocab_size`` (default ``model.vocab_size``) padded to ``make_vocab_size_divisible_by x TP`` as
-    training pads it (:func:`moe_erc.model.padded_vocab_size`, which imports megatron)."""
+    """``vocab_size`` (default ``model.vocab_size``) padded to a multiple of ``make_vocab_size_divisible_by`` that
+    TP also divides (their lcm), so the embedding's shape, and a checkpoint's, is the same in every layout whose TP
+    divides it (Megatron-LM pads to the product, which changes with TP)."""
+    import math
+
     vocab = cfg.model.vocab_size if vocab_size is None else vocab_size
     if vocab is None:
         raise ValueError("no vocabulary size: set model.vocab_size or pass vocab_size")
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
+    multiple = math.lcm(cfg.model.make_vocab_size_divisible_by, cfg.parallel.tensor_model_parallel_size)
     return -(-vocab // multiple) * multiple
 
 

@@ -35,9 +35,11 @@ def resolve_precision(cfg: Config, device: str) -> str:
 
 
 def padded_vocab_size(vocab_size: int, cfg: Config) -> int:
-    """Round the tokenizer's vocabulary up so the embedding splits evenly over TP ranks."""
-    multiple = cfg.model.make_vocab_size_divisible_by * cfg.parallel.tensor_model_parallel_size
-    return -(-vocab_size // multiple) * multiple
+    """Round the tokenizer's vocabulary up so the embedding splits evenly over TP ranks
+    (:func:`moe_erc.flops.padded_vocab_size`: the same shape in every TP layout)."""
+    from moe_erc.flops import padded_vocab_size as padded
+
+    return padded(cfg, vocab_size)
 
 
 def transformer_config(cfg: Config, precision: str = "fp32", kernels: Kernels | None = None) -> TransformerConfig:
@@ -69,6 +71,7 @@ def _megatron_transformer_config(cfg: Config, precision: str, tp: int, kernels: 
         hidden_dropout=m.hidden_dropout,
         attention_dropout=m.attention_dropout,
         normalization=m.normalization,
+        layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=m.swiglu,
         activation_func=F.silu if m.swiglu else F.gelu,
         add_bias_linear=m.add_bias_linear,

@@ -46,10 +46,11 @@ _context = None
 
 def train(run_dir: Path, data_prefix: str, *overrides: str, nproc: int = 1, timeout: int = 240,
           expect_success: bool = True, debug: bool = True, launcher: str = "fork",
-          env: dict | None = None) -> subprocess.CompletedProcess:
+          env: dict | None = None, config: Path | str | None = None) -> subprocess.CompletedProcess:
     """Run ``moe-erc train`` on the tiny model: forked warm (default) or under ``torchrun`` (``launcher``);
-    ``env`` adds environment variables."""
-    args = [*TINY, f"data.data_path={data_prefix}", f"logging.run_dir={run_dir}", *overrides]
+    ``env`` adds environment variables; ``config``: a YAML file under the TINY overrides."""
+    args = [*([str(config)] if config else []), *TINY, f"data.data_path={data_prefix}", f"logging.run_dir={run_dir}",
+            *overrides]
     if launcher == "torchrun":
         cmd = ([sys.executable, "-m", "moe_erc", "train", *(["--debug"] if debug else []), *args] if nproc == 1
                else [*_torchrun(nproc), "-m", "moe_erc.train", *args])

@@ -117,8 +117,9 @@ def test_a_model_no_transformers_class_expresses_is_refused_in_one_line(tiny_cor
     (["moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true"], "glm4_moe"),
     (["moe.router=kmeans", "moe.moe_router_load_balancing_type=none"],
      "moe.router=kmeans (no transformers model routes like online K-Means)"),
-    (["model.normalization=LayerNorm", "model.qk_layernorm=true"], "model.normalization=LayerNorm (the MoE classes "
-     "use RMSNorm); model.qk_layernorm=true"),
+    (["model.qk_layernorm=true"], "qwen3_moe"),
+    (["model.normalization=LayerNorm", "model.add_bias_linear=true"], "model.normalization=LayerNorm (the MoE classes "
+     "use RMSNorm); model.add_bias_linear=true"),
     (["moe.moe_expert_capacity_factor=1.0"], "moe.moe_expert_capacity_factor (token dropping)"),
     (["moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true", "model.num_layers=3",
       "model.moe_layer_freq=[1,0,1]"], "dense layers after MoE layers with sigmoid routing"),
@@ -128,7 +129,7 @@ def test_the_architecture_follows_the_routing(overrides, arch_or_message):
     from moe_erc.export import ExportError, architecture
 
     cfg = load_config(None, overrides)
-    if arch_or_message in ("mixtral", "qwen2_moe", "glm4_moe"):
+    if arch_or_message in ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"):
         assert architecture(cfg) == arch_or_message
     else:
         with pytest.raises(ExportError, match="cannot export to transformers") as err:
