@@ -152,3 +152,47 @@ def test_a_failure_half_way_leaves_no_output(tiny_corpus, tmp_path, monkeypatch)
     with pytest.raises(RuntimeError, match="disk full"):
         hf_import.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob("*out*"))
+
+
+def dense_model(kind: str, out: Path):
+    import transformers
+
+    torch.manual_seed(1)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  head_dim=16, intermediate_size=128, max_position_embeddings=64, rms_norm_eps=1e-6,
+                  tie_word_embeddings=False, initializer_range=0.1)
+    config = {"llama": transformers.LlamaConfig, "qwen3": transformers.Qwen3Config}[kind](**common)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(str(out))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind, experts, topk, width", [
+    ("llama", 4, 2, None),   # every expert a copy of the dense MLP (granularity 1)
+    ("qwen3", 8, 4, 64),     # finer experts: each copy split in 2 (granularity 2), top-4 = two whole copies
+])
+def test_an_upcycled_dense_model_computes_the_dense_logits_at_step_0(tmp_path, kind, experts, topk, width):
+    model = dense_model(kind, tmp_path / "dense")
+    with torch.no_grad():
+        theirs = model(TOKENS).logits.float()
+    args = ["--upcycle", "--num-experts", str(experts), "--topk", str(topk), *(["--expert-width", str(width)] if width else [])]
+    proc = cli("import", str(tmp_path / "dense"), "--out", str(tmp_path / "ck"), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (ours(tmp_path / "ck") - theirs).abs().max().item() < 1e-4 * max(1.0, theirs.abs().max().item())
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "ck" / "config.yaml").read_text())
+    assert (cfg["moe"]["num_experts"], cfg["moe"]["moe_router_topk"], cfg["moe"]["moe_ffn_hidden_size"]) == \
+        (experts, topk, width or 128)
+
+
+def test_upcycling_options_are_checked_in_one_line(tmp_path):
+    dense_model("llama", tmp_path / "dense")
+    for args, message in (([], "is a dense model; pass --upcycle --num-experts N --topk K"),
+                          (["--upcycle", "--num-experts", "4"], "--upcycle needs --num-experts N and --topk K"),
+                          (["--upcycle", "--num-experts", "3", "--topk", "2", "--expert-width", "64"],
+                           "the number of experts must be a multiple of their ratio")):
+        proc = cli("import", str(tmp_path / "dense"), "--out", str(tmp_path / "out"), *args)
+        assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, \
+            proc.stderr
+        assert not (tmp_path / "out").exists()

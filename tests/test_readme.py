@@ -38,6 +38,10 @@ NOT_RUN = {
                                        "synthetic results and tests/test_kmeans.py each option",
     "moe-erc study --optimizer-ablation": "13 runs of the study model; tests/test_study.py checks its verdicts on "
                                           "synthetic results, tests/test_optimizer_training.py trains the preset",
+    "moe-erc import": "needs a Hugging Face model directory; tests/test_import.py imports and upcycles random models "
+                      "of every supported class",
+    "moe-erc train runs/imported/config.yaml": "trains from the import above on the user's data (MY_PREFIX); "
+                                               "tests/test_import.py trains an imported model under three layouts",
     "sbatch": "needs SLURM; tests/test_launchers.py runs the batch script's launch line",
     "lm_eval": "lm-evaluation-harness is not a test dependency here",
     "pip install -e .": "installs into the environment; scripts/setup_env.sh does the same for these tests",
