@@ -105,8 +105,14 @@ def _import(argv: list[str]) -> int:
     return import_main(argv)
 
 
+def _eval(argv: list[str]) -> int:
+    from moe_erc.evaluate import main as eval_main
+
+    return eval_main(argv)
+
+
 _PASSTHROUGH = {"preprocess": _preprocess, "report": _report, "analyze": _analyze, "plan": _plan, "study": _study,
-                "export": _export, "import": _import}
+                "export": _export, "import": _import, "eval": _eval}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -128,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", help="parameters, memory per rank, FLOPs and ERC share of a config (meta device)")
     sub.add_parser("study", help="every method x seeds on configs/study.yaml, then docs/study/ (claims, figures)")
     sub.add_parser("export", help="a checkpoint as a Hugging Face transformers model directory (docs/export.md)")
+    sub.add_parser("eval", help="lm-evaluation-harness tasks on a checkpoint -> RUN_DIR/eval/ (docs/import.md)")
     sub.add_parser("import", help="a Hugging Face MoE checkpoint as a moe-erc checkpoint + config (docs/import.md)")
     return parser
 

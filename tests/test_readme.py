@@ -42,6 +42,7 @@ NOT_RUN = {
                       "of every supported class",
     "moe-erc train runs/imported/config.yaml": "trains from the import above on the user's data (MY_PREFIX); "
                                                "tests/test_import.py trains an imported model under three layouts",
+    "moe-erc eval": "arc_easy / hellaswag download their datasets; tests/test_eval.py runs a local task offline",
     "sbatch": "needs SLURM; tests/test_launchers.py runs the batch script's launch line",
     "lm_eval": "lm-evaluation-harness is not a test dependency here",
     "pip install -e .": "installs into the environment; scripts/setup_env.sh does the same for these tests",
