@@ -196,3 +196,18 @@ def test_upcycling_options_are_checked_in_one_line(tmp_path):
         assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and message in proc.stderr, \
             proc.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_the_worked_example_imports_trains_with_erc_exports_and_evaluates(tmp_path):
+    """scripts/import_example.py as docs/import.md runs it (3 steps instead of 50)."""
+    pytest.importorskip("lm_eval")
+    from launch import run_script
+
+    proc = run_script("scripts/import_example.py", "--out", str(tmp_path / "ex"), "--steps", "3", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    import json
+
+    result = json.loads((tmp_path / "ex" / "run" / "eval" / "step_0000003.json").read_text())
+    assert result["n-samples"]["shakespeare_mc"]["effective"] == 4
+    assert "| run | shakespeare_mc acc |" in (tmp_path / "ex" / "report" / "report.md").read_text()
+    assert (tmp_path / "ex" / "hf-trained" / "model.safetensors").is_file()
