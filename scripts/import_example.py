@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,8 +27,13 @@ QUESTIONS = [("To be, or not to", [" be", " go", " king"], 0), ("My lord, I", ["
 
 
 def moe_erc(*args: str) -> None:
+    """``moe-erc ARGS``, in this process (the commands a user would type, without re-importing torch each time)."""
+    from moe_erc.cli import main as cli
+
     print("$ moe-erc " + " ".join(args), flush=True)
-    subprocess.run([sys.executable, "-m", "moe_erc", *args], check=True)
+    code = cli(list(args))
+    if code:
+        sys.exit(f"import_example: moe-erc {args[0]} failed ({code})")
 
 
 def random_hf_model(out: Path, tokenizer_json: str, vocab: int) -> None:
