@@ -33,6 +33,23 @@ def _lm_eval():
     return simple_evaluate, TaskManager
 
 
+def write_choice_task(directory: str | Path, name: str, docs: list[tuple[str, list[str], int]]) -> Path:
+    """A local multiple-choice lm-eval task: ``directory/{name}.jsonl`` with ``(question, choices, answer index)``
+    rows and ``directory/{name}.yaml`` reading it (``dataset_path: json``, no hub). Returns ``directory``, the
+    ``--include-path``; accuracy is the argmax of each choice's log-likelihood after the question."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / f"{name}.jsonl", "w") as f:
+        for question, choices, answer in docs:
+            f.write(json.dumps({"question": question, "choices": choices, "answer": answer}) + "\n")
+    (directory / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {(directory / f'{name}.jsonl').resolve()}\ntest_split: test\noutput_type: multiple_choice\n"
+        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return directory
+
+
 def run_dir_of(step_dir: Path) -> Path:
     """The run directory a checkpoint belongs to (``RUN/checkpoints/step_N`` -> ``RUN``), else its parent."""
     return step_dir.parent.parent if step_dir.parent.name == "checkpoints" else step_dir.parent

@@ -16,7 +16,6 @@ Everything stays under --out; nothing touches the network.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -49,19 +48,6 @@ def random_hf_model(out: Path, tokenizer_json: str, vocab: int) -> None:
     shutil.copy(tokenizer_json, out / "tokenizer.json")
 
 
-def local_task(out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "shakespeare_mc.jsonl", "w") as f:
-        for question, choices, answer in QUESTIONS:
-            f.write(json.dumps({"question": question, "choices": choices, "answer": answer}) + "\n")
-    (out / "shakespeare_mc.yaml").write_text(
-        "task: shakespeare_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {(out / 'shakespeare_mc.jsonl').resolve()}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    return out
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="runs/import-example")
@@ -73,6 +59,7 @@ def main() -> int:
     if out.exists() and any(out.iterdir()):
         sys.exit(f"import_example: {out} is not empty; pass another --out")
     from moe_erc.data.corpus import prepare_embedded_corpus
+    from moe_erc.evaluate import write_choice_task
     from moe_erc.trainer import EMBEDDED_DATA_DIR
 
     prefix = prepare_embedded_corpus(EMBEDDED_DATA_DIR, vocab_size=8192)
@@ -85,7 +72,8 @@ def main() -> int:
             "logging.tensorboard=false")
     moe_erc("export", str(out / "run" / "checkpoints"), "--out", str(out / "hf-trained"))
     moe_erc("eval", str(out / "run" / "checkpoints"), "--tasks", "shakespeare_mc",
-            "--include-path", str(local_task(out / "tasks")), "--hf-dir", str(out / "hf-trained"))
+            "--include-path", str(write_choice_task(out / "tasks", "shakespeare_mc", QUESTIONS)),
+            "--hf-dir", str(out / "hf-trained"))
     moe_erc("report", str(out / "run"), "--out", str(out / "report"))
     print(f"import_example: done; see {out / 'report' / 'report.md'}")
     return 0

@@ -17,17 +17,9 @@ DOCS = [("To be, or not to", [" be", " cat", " seven"], 0), ("My lord, I", [" wi
 
 def task_dir(tmp_path: Path) -> Path:
     """A multiple-choice task lm-eval reads from a local JSONL (no hub)."""
-    d = tmp_path / "tasks"
-    d.mkdir()
-    with open(d / "tiny_mc.jsonl", "w") as f:
-        for question, choices, answer in DOCS:
-            f.write(json.dumps({"question": question, "choices": choices, "answer": answer}) + "\n")
-    (d / "tiny_mc.yaml").write_text(
-        "task: tiny_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-        f"    test: {d / 'tiny_mc.jsonl'}\ntest_split: test\noutput_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
-    return d
+    from moe_erc.evaluate import write_choice_task
+
+    return write_choice_task(tmp_path / "tasks", "tiny_mc", DOCS)
 
 
 def accuracy_by_hand(checkpoint: Path, tokenizer_file: str) -> float:

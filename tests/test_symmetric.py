@@ -134,11 +134,29 @@ def test_a_sigmoid_router_is_not_centered():
                               router_shift_invariant=False) == "row_norm"
 
 
-def test_one_optimizer_step_matches_a_hand_computed_update():
-    """SymmetricMuon = megatron's Muon momentum (Nesterov) + decoupled weight decay + the rule."""
+def _centered_row_norm_step(g, m, beta):
+    """megatron's Muon momentum with Nesterov, then centred row-norm x sqrt(in) x the extra factor 0.2."""
+    nesterov = (1 - beta) * g + beta * m
+    c = nesterov - nesterov.mean(0)
+    u = c / c.norm(dim=1, keepdim=True) * c.shape[1] ** 0.5
+    return 0.2 * (u - u.mean(0))
+
+
+def _centered_row_unit_step(g, m, beta):
+    """The authors' RowNormM: the EMA momentum itself (no Nesterov), centred unit rows, no extra scale."""
+    c = m - m.mean(0)
+    u = c / (c.norm(dim=1, keepdim=True) + 1e-8)
+    return u - u.mean(0)
+
+
+@pytest.mark.parametrize("rule, update", [("centered_row_norm", _centered_row_norm_step),
+                                          ("centered_row_unit", _centered_row_unit_step)])
+def test_two_optimizer_steps_match_a_hand_computed_update(rule, update):
+    """SymmetricMuon = megatron's momentum ``m = b m + (1 - b) g`` + decoupled weight decay ``w (1 - lr wd)`` +
+    the rule (megatron's Nesterov mix for ours, the plain momentum for the authors')."""
     w0, g1, g2 = grad(8, 16, seed=20), grad(8, 16, seed=21), grad(8, 16, seed=22)
     param = torch.nn.Parameter(w0.clone())
-    param.symmetry_rule = "centered_row_norm"
+    param.symmetry_rule = rule
     lr, wd, beta = 0.05, 0.1, 0.9
     opt = symmetric.SymmetricMuon([param], lr=lr, momentum=beta, nesterov=True, weight_decay=wd,
                                   fp32_matmul_prec="highest", extra_scale_factor=0.2)
@@ -146,12 +164,8 @@ def test_one_optimizer_step_matches_a_hand_computed_update():
     for g in (g1, g2):
         param.grad = g.clone()
         opt.step()
-        w = w * (1 - lr * wd)
         m = beta * m + (1 - beta) * g
-        nesterov = (1 - beta) * g + beta * m
-        c = nesterov - nesterov.mean(0)
-        u = c / c.norm(dim=1, keepdim=True) * 16 ** 0.5
-        w = w - lr * 0.2 * (u - u.mean(0))
+        w = w * (1 - lr * wd) - lr * update(g, m, beta)
     close(param.detach(), w, tol=1e-6)
 
 
@@ -233,26 +247,6 @@ def test_spectral_heads_orthogonalizes_each_attention_head_with_its_own_shape_sc
         out = got[h * hd:(h + 1) * hd] if layout == "rows" else got[:, h * hd:(h + 1) * hd]
         scale = max(1.0, block.shape[0] / block.shape[1]) ** 0.5
         close(out, scale * svd_polar(block), tol=1e-4)
-
-
-def test_the_authors_rules_step_on_the_ema_momentum_without_nesterov():
-    """Their RowNormM: ``m = b m + (1 - b) g`` then the rule on ``m`` (megatron's Nesterov mix is for Muon);
-    decoupled decay ``w (1 - lr wd)``; no extra scale."""
-    w0, g1, g2 = grad(6, 8, seed=33), grad(6, 8, seed=34), grad(6, 8, seed=35)
-    param = torch.nn.Parameter(w0.clone())
-    param.symmetry_rule = "centered_row_unit"
-    lr, wd, beta = 0.05, 0.1, 0.9
-    opt = symmetric.SymmetricMuon([param], lr=lr, momentum=beta, nesterov=True, weight_decay=wd,
-                                  fp32_matmul_prec="highest", extra_scale_factor=0.2)
-    w, m = w0.clone(), torch.zeros_like(w0)
-    for g in (g1, g2):
-        param.grad = g.clone()
-        opt.step()
-        m = beta * m + (1 - beta) * g
-        c = m - m.mean(0)
-        u = c / (c.norm(dim=1, keepdim=True) + 1e-8)
-        w = w * (1 - lr * wd) - lr * (u - u.mean(0))
-    close(param.detach(), w, tol=1e-6)
 
 
 @pytest.mark.parametrize("name, shape, cls, paper, control", [
