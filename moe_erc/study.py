@@ -89,8 +89,10 @@ MODEST_LOSS_INCREASE = 0.05
 COLORS = {"vanilla": "#444444", "erc-0.25": "#08306b", "erc-0.5": "#2171b5", "erc-1": "#6baed6",
           "erc-2": "#c6dbef", "aoe": "#d94801", "kmeans": "#238b45", "auxfree": "#807dba",
           "muon": "#ce1256", "muon-erc-1": "#f1b6da", "symmetric": "#8c510a", "symmetric-erc-1": "#dfc27d",
-          "kmeans-running": "#41ab5d", "kmeans-uncentred": "#006d2c", "kmeans-seed16": "#74c476", "kmeans-reseed10": "#a1d99b",
-          "kmeans-center": "#00441b", "kmeans-nograd": "#c7e9c0", "noaux": "#bdbdbd"}
+          "kmeans-running": "#41ab5d", "kmeans-uncentred": "#006d2c", "kmeans-seed16": "#74c476",
+          "kmeans-reseed10": "#a1d99b", "kmeans-center": "#00441b", "kmeans-nograd": "#c7e9c0", "noaux": "#bdbdbd",
+          "paper": "#543005", "paper-control": "#bf812d", "muon-router": "#e7298a", "muon-experts": "#980043",
+          "muon-aux0": "#fa9fb5"}
 ALPHAS = (0.5, 1.0, 2.0)
 SEEDS = (1234, 2345, 3456)
 QUICK = ["training.train_iters=60", "training.eval_interval=20", "training.eval_iters=4",

@@ -131,3 +131,13 @@ def test_optimizer_ablation_judges_the_preset_gap_and_where_the_anti_coupling_li
     assert claims == {"(i)": "not reproduced", "(j)": "inconclusive", "(k)": "not reproduced"}
     results["muon-experts"] = [run(4.1, 0.05)]
     assert {c[:3]: v for c, v, _ in ablation_claims(results)}["(j)"] == "refuted"
+
+
+def test_every_method_has_a_colour_and_valid_overrides():
+    """Each study method's figure colour exists and its overrides make a valid config of configs/study.yaml."""
+    from moe_erc.config import load_config
+    from moe_erc.study import COLORS, METHODS
+
+    assert set(METHODS) <= set(COLORS)
+    for name, (_label, overrides) in METHODS.items():
+        load_config("configs/study.yaml", overrides)
