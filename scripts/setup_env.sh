@@ -18,8 +18,9 @@ fi
 
 # MOE_ERC_EXTRAS=eval (scripts/test.sh): also lm-evaluation-harness, for `moe-erc eval`.
 EXTRAS="${MOE_ERC_EXTRAS:-}"
-key="$( (cat pyproject.toml scripts/requirements-cpu.txt scripts/setup_env.sh; echo "$EXTRAS") | sha256sum | cut -c1-16)"
-stamp=".venv/.moe-erc-installed-${EXTRAS:-base}-$key"  # one stamp per extras set: demo and tests alternate freely
+key="$(cat pyproject.toml scripts/requirements-cpu.txt scripts/setup_env.sh | sha256sum | cut -c1-16)"
+# One stamp per extras set; installing extras also stamps the base set (a superset), so demo and tests alternate.
+stamp=".venv/.moe-erc-installed-${EXTRAS:-base}-$key"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies into .venv (first run takes a minute or two)"
   log=.venv/install.log
@@ -44,4 +45,5 @@ if [ ! -f "$stamp" ]; then
   fi
   rm -f .venv/.moe-erc-installed-"${EXTRAS:-base}"-*
   touch "$stamp"
+  [ -z "$EXTRAS" ] || { rm -f .venv/.moe-erc-installed-base-*; touch ".venv/.moe-erc-installed-base-$key"; }
 fi
