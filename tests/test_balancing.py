@@ -272,7 +272,8 @@ METHOD_KEYS = {
     "vanilla": {},
     "erc": {("erc", "enabled"): True},
     "aoe": {("moe", "router"): "aoe"},
-    "kmeans": {("moe", "router"): "kmeans", ("moe", "moe_router_load_balancing_type"): "none"},
+    "kmeans": {("moe", "router"): "kmeans", ("moe", "moe_router_load_balancing_type"): "none",
+               ("moe", "kmeans_center"): True},  # the K-Means ablation's pick (docs/study/kmeans)
     "auxfree": {("moe", "moe_router_score_function"): "sigmoid", ("moe", "moe_router_enable_expert_bias"): True,
                 ("moe", "moe_router_load_balancing_type"): "none"},
 }
