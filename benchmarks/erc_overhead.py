@@ -7,7 +7,7 @@
 2. flat    ERC cost (step time on - off) at 1x, 2x, 4x, 8x tokens per batch: should not grow
 3. memory  ERC vs naive einsum at the paper's shapes: bytes kept for backward, and peak RSS growth
 4. speed   ERC vs naive einsum forward+backward time at the same shapes
-5. flops   analytic ERC FLOP share per GPU (moe_erc/flops.py, as `moe-erc plan`) for tiny, erc-3b, erc-15b
+5. flops   analytic ERC FLOP share per GPU (moe_erc/model/flops.py, as `moe-erc plan`) for tiny, erc-3b, erc-15b
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from moe_erc import erc  # noqa: E402
+from moe_erc.model import erc  # noqa: E402
 from moe_erc.config import load_config  # noqa: E402
-from moe_erc.flops import StepFlops, step_flops  # noqa: E402
+from moe_erc.model.flops import StepFlops, step_flops  # noqa: E402
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
 
 REPO = Path(__file__).resolve().parents[1]
 # The FLOP layouts: the tiny CPU model (vocabulary of the embedded corpus) and the paper's 3B / 15B configs
-# (their own parallel.world_size and model.vocab_size), counted by moe_erc.flops as `moe-erc plan` counts them.
+# (their own parallel.world_size and model.vocab_size), counted by moe_erc.model.flops as `moe-erc plan` counts them.
 FLOP_LAYOUTS = [
     ("tiny (1 CPU)", TINY, ["erc.enabled=true"]),
     ("3B (dp=32, ep=1)", REPO / "configs" / "erc-3b.yaml", []),
@@ -55,9 +55,10 @@ class TwoModels:
     """The tiny model twice (ERC off / on, same init), megatron DDP + optimizer, synthetic batches."""
 
     def __init__(self, overrides: list[str]):
-        from moe_erc import model as model_lib, parallel
+        from moe_erc.model import gpt as model_lib
+        from moe_erc.training import parallel
         from moe_erc.compat import prepare_runtime
-        from moe_erc.optim import build_optimizer, wrap_ddp
+        from moe_erc.training.optimizer import build_optimizer, wrap_ddp
 
         device = prepare_runtime("cpu")
         base = load_config(TINY, overrides)
@@ -82,7 +83,7 @@ class TwoModels:
         self.step_index = 0
 
     def step(self, which: str, micro_batch: int) -> float:
-        from moe_erc.layers.erc_layer import set_training_step
+        from moe_erc.model.layers.erc_layer import set_training_step
 
         ddp, opt = self.runs[which]
         seq = self.cfg.model.seq_length
@@ -257,7 +258,7 @@ def bench_flops() -> None:
                      f"{100 * f.erc_share_model:.3f} %"])
         notes.append(f"{name}: " + "; ".join(f.assumptions.lines()[:1]))
         common = f.assumptions.lines()[1:]
-    table("5. Analytic FLOPs per GPU per step (moe_erc/flops.py, the counter `moe-erc plan` uses)",
+    table("5. Analytic FLOPs per GPU per step (moe_erc/model/flops.py, the counter `moe-erc plan` uses)",
           ["model", "model FLOPs", "ERC FLOPs", "ERC share, paper's accounting", "ERC share of all model FLOPs"],
           rows)
     print("\nAssumptions:")

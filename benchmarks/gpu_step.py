@@ -1,4 +1,4 @@
-"""Step performance in one run, one table: what issue 11's targets are checked against.
+"""Step performance in one run, one table: what the performance targets (docs/performance.md) are checked against.
 
     python benchmarks/gpu_step.py                       # GPU: the paper's 3B shapes (12 layers, seq 4096)
     python benchmarks/gpu_step.py --layers 6 --micro-batches 16
@@ -14,8 +14,8 @@ Rows (all measured side by side in this process; medians of repeats after warm-u
 4. experts   GroupedExperts (torch._grouped_mm) vs megatron's per-expert SequentialMLP, forward+backward
              of one layer's experts at ``--expert-tokens`` tokens
 
-GPU time is short (the test machine: 15 minutes a session, start-up included; ``scripts/test.sh --gpu`` and
-this script must fit in 8), so the run keeps to ``--time-budget`` (default 150 s on a GPU, model build included): rows 3 and 4 run
+GPU time is often short (a shared or lent machine: ``scripts/test.sh --gpu`` and this script together in
+about 8 minutes), so the run keeps to ``--time-budget`` (default 150 s on a GPU, model build included): rows 3 and 4 run
 first (seconds), then two warm-up steps time one step and rows 1 and 2 get as many repeats as fit (at most
 ``--repeats``, 3 for the 3B preset); a row that cannot run once is printed as skipped, with the step time.
 """
@@ -87,9 +87,9 @@ class Model:
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
-        from moe_erc import model as model_lib
-        from moe_erc.layers.kernels import detect
-        from moe_erc.optim import build_optimizer, wrap_ddp
+        from moe_erc.model import gpt as model_lib
+        from moe_erc.model.layers.kernels import detect
+        from moe_erc.training.optimizer import build_optimizer, wrap_ddp
 
         precision = model_lib.resolve_precision(cfg, device)
         self.kernels = detect(device, cfg.training.fused_kernels)
@@ -106,7 +106,7 @@ class Model:
         self.routers = [m.router for m in net.modules() if hasattr(getattr(m, "router", None), "erc_config")]
 
     def step(self, micro_batch: int, micro_batches: int, erc: bool = True) -> None:
-        from moe_erc.layers.erc_layer import set_training_step
+        from moe_erc.model.layers.erc_layer import set_training_step
 
         seq, device = self.cfg.model.seq_length, self.device
         tokens = torch.randint(0, self.vocab, (micro_batches, micro_batch, seq), device=device)
@@ -155,7 +155,7 @@ class Deadline:
 def bench_steps(model: Model, preset: dict, timer: Timer, repeats: int, deadline: Deadline) -> list[list]:
     """Rows 1 and 2. Repeats shrink to what the deadline leaves after two warm-up steps (the second one's
     time is the estimate); a row that cannot fit once says so instead of running past the budget."""
-    from moe_erc.flops import step_flops
+    from moe_erc.model.flops import step_flops
 
     mbs, nmb, ercmb = preset["micro_batch"], preset["micro_batches"], preset["erc_micro_batches"]
     seq = model.cfg.model.seq_length
@@ -205,7 +205,7 @@ def bench_steps(model: Model, preset: dict, timer: Timer, repeats: int, deadline
 
 
 def bench_erc_kernel(shapes, device: str, dtype, timer: Timer, repeats: int) -> list[list]:
-    from moe_erc import erc
+    from moe_erc.model import erc
 
     rows = []
     for n, d, D in shapes:
@@ -234,7 +234,7 @@ def bench_erc_kernel(shapes, device: str, dtype, timer: Timer, repeats: int) -> 
 
 
 def bench_experts(model: Model, tokens: int, timer: Timer, repeats: int) -> list[list]:
-    from moe_erc.layers.experts import GroupedExperts
+    from moe_erc.model.layers.experts import GroupedExperts
 
     cfg, device = model.cfg, model.device
     layer = next(m for m in model.ddp.module.modules() if hasattr(m, "experts") and hasattr(m, "router"))
@@ -299,7 +299,7 @@ def main(argv=None) -> int:
                  f"training.global_batch_size={preset['micro_batch']}",
                  *([f"model.num_layers={args.layers}"] if args.layers else []), *args.overrides]
 
-    from moe_erc import parallel
+    from moe_erc.training import parallel
     from moe_erc.compat import prepare_runtime
     from moe_erc.config import load_config
 

@@ -31,9 +31,11 @@ def build(config: str, overrides: list[str]):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from moe_erc import model as model_lib, parallel
+    from moe_erc.model import gpt as model_lib
+
+    from moe_erc.training import parallel
     from moe_erc.compat import prepare_runtime
-    from moe_erc.optim import build_optimizer, describe, wrap_ddp
+    from moe_erc.training.optimizer import build_optimizer, describe, wrap_ddp
 
     device = prepare_runtime("cpu")
     base = load_config(config, overrides)

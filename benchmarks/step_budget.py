@@ -1,14 +1,14 @@
-"""Kernel launches and host syncs of one training step, counted on CPU (issue 20).
+"""Kernel launches and host syncs of one training step, counted on CPU.
 
     python benchmarks/step_budget.py                          # every variant at the scaled-down 3B shapes
     python benchmarks/step_budget.py --variants erc --optimizer symmetric
     python benchmarks/step_budget.py --config configs/tiny-erc.yaml training.micro_batch_size=2
     python benchmarks/step_budget.py --json out.json
 
-Without ``--config`` it counts the scaled-down 3B shapes of :func:`moe_erc.budget.budget_overrides` (4 layers,
+Without ``--config`` it counts the scaled-down 3B shapes of :func:`moe_erc.commands.budget.budget_overrides` (4 layers,
 d=256, 64 experts top-8, expert width 128, seq 256, bf16, 2 micro-batches, grouped experts) for each
 variant; with ``--config`` it counts that config (plus overrides) as it is, on CPU, on a non-logging step.
-How the counts are taken and what counts as a sync: :mod:`moe_erc.budget`. ``tests/test_step_budget.py``
+How the counts are taken and what counts as a sync: :mod:`moe_erc.commands.budget`. ``tests/commands/test_step_budget.py``
 holds the budgets.
 """
 
@@ -39,7 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value")
     args = parser.parse_args(argv)
 
-    from moe_erc.budget import VARIANTS, budget_overrides, count_step, format_table, scratch_dir
+    from moe_erc.commands.budget import VARIANTS, budget_overrides, count_step, format_table, scratch_dir
     from moe_erc.config import load_config
 
     scratch = scratch_dir()

@@ -16,7 +16,6 @@ from typing import Optional
 
 from moe_erc.errors import UserError
 
-
 # Messages megatron-core and torch print on every CPU run that ask nothing of the user.
 _NOISE = (
     "GPTModel IS DEPRECATED", "async save is deprecated", "full scope is deprecated",
@@ -51,7 +50,7 @@ def _has_cuda() -> bool:
 
 def _train(args) -> int:
     from moe_erc.config import load_config
-    from moe_erc.trainer import run
+    from moe_erc.training.trainer import run
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config and not config.endswith((".yaml", ".yml")):
@@ -69,44 +68,44 @@ def _preprocess(argv: list[str]) -> int:
 
 
 def _report(argv: list[str]) -> int:
-    from moe_erc.report import main as report_main
+    from moe_erc.commands.report import main as report_main
 
     return report_main(argv)
 
 
 def _analyze(argv: list[str]) -> int:
-    from moe_erc.analyze import main as analyze_main
+    from moe_erc.commands.analyze import main as analyze_main
 
     return analyze_main(argv)
 
 
 def _plan(argv: list[str]) -> int:
-    from moe_erc.plan import main as plan_main
+    from moe_erc.commands.plan import main as plan_main
 
     return plan_main(argv)
 
 
 def _study(argv: list[str]) -> int:
-    from moe_erc.study import main as study_main
+    from moe_erc.commands.study import main as study_main
 
     return study_main(argv)
 
 
 # Subcommands with their own argument parsers (argv after the command name is passed through).
 def _export(argv: list[str]) -> int:
-    from moe_erc.export import main as export_main
+    from moe_erc.commands.export import main as export_main
 
     return export_main(argv)
 
 
 def _import(argv: list[str]) -> int:
-    from moe_erc.hf_import import main as import_main
+    from moe_erc.commands.hf_import import main as import_main
 
     return import_main(argv)
 
 
 def _eval(argv: list[str]) -> int:
-    from moe_erc.evaluate import main as eval_main
+    from moe_erc.commands.evaluate import main as eval_main
 
     return eval_main(argv)
 

@@ -3,14 +3,14 @@
 One group per concern (``model``, ``moe``, ``erc``, ``parallel``, ``data``, ``tokenizer``, ``training``,
 ``optimizer``, ``logging``, ``checkpoint``). MoE option names follow Megatron-LM's flags so a Megatron
 user can read a config without a dictionary. Everything is validated here, before any process group
-starts; :mod:`moe_erc.megatron_configs` translates the result into megatron-core's config objects.
+starts; :mod:`moe_erc.model.gpt` translates the result into megatron-core's config objects.
 """
 
 from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -143,7 +143,7 @@ class TrainingConfig(_Group):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Optional fused kernels (masked softmax, RoPE, bias-activation, ...) are used where what they need
-    # imports (moe_erc/layers/kernels.py; the banner lists them); false = the unfused PyTorch paths everywhere.
+    # imports (moe_erc/model/layers/kernels.py; the banner lists them); false = the unfused PyTorch paths everywhere.
     fused_kernels: bool = True
     # torch.compile each transformer layer (torchtitan-style, graph breaks allowed around MoE dispatch).
     # Off by default; a no-op where TORCH_COMPILE_DISABLE=1 (the CLI sets it on CPU-only machines).
@@ -157,13 +157,45 @@ ParamClass = Literal["embedding", "output_layer", "router", "experts", "shared_e
 UpdateRule = Literal["spectral", "spectral_heads", "row_norm", "hybrid", "row_aware", "col_aware", "centered_row_norm",
                      "left_spectral", "row_unit", "centered_row_unit", "left_polar_nuclear", "adamw"]
 
+PARAM_CLASSES: tuple[str, ...] = get_args(ParamClass)  # moe_erc.training.param_groups reads them off the model
+
+# optimizer.symmetric_preset: a published assignment of rule, lr and weight decay per parameter class (docs/
+# optimizers.md, "The authors' OLMoE stack"). ``paper`` is Lau & Su's OLMoE run from their code (timlautk/
+# equivariant_optimizers, train_olmoe.py: RowNormM for the embedding, centred RowNormM for the LM head and the router,
+# head-wise Muon for attention, per-expert Muon, AdamW for vectors); ``paper_adamw_control`` is their control (AdamW
+# for embedding, LM head and router, the rest unchanged). Explicit param_rules / param_lr / param_weight_decay win.
+_PAPER_MATRICES = {"attention": 5e-3, "experts": 5e-3, "shared_experts": 5e-3, "mlp": 5e-3}
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        # optimizer keys the preset sets unless the config sets them: Muon as their Muon (Keller Jordan's
+        # max(1, out/in)^0.5 scale, no extra factor, Polar Express coefficients)
+        "fields": {"name": "symmetric", "muon_scale_mode": "shape_scaling", "muon_extra_scale_factor": 1.0,
+                   "muon_coefficient_type": "polar_express", "muon_momentum": 0.95, "muon_nesterov": True},
+        "rules": {"embedding": "row_unit", "output_layer": "centered_row_unit", "router": "centered_row_unit",
+                  "attention": "spectral_heads", "experts": "spectral", "shared_experts": "spectral",
+                  "mlp": "spectral", "vectors": "adamw"},
+        "lr": {"embedding": 0.5, "output_layer": 5e-3, "router": 7.5e-4, **_PAPER_MATRICES, "vectors": 1e-2},
+        "weight_decay": {"embedding": 0.0, "output_layer": 0.0, "router": 0.0, "attention": 1e-3, "experts": 1e-3,
+                         "shared_experts": 1e-3, "mlp": 1e-3, "vectors": 1e-3},
+    },
+}
+PRESETS["paper_adamw_control"] = {
+    "fields": PRESETS["paper"]["fields"],
+    "rules": {**PRESETS["paper"]["rules"], "embedding": "adamw", "output_layer": "adamw", "router": "adamw"},
+    "lr": {**PRESETS["paper"]["lr"], "embedding": 5e-4, "output_layer": 5e-4, "router": 7.5e-4},
+    "weight_decay": PRESETS["paper"]["weight_decay"],
+}
+# A router whose scores change under a shared shift (sigmoid) has no shift symmetry to keep: uncentred rule.
+_UNCENTRED = {"centered_row_unit": "row_unit", "centered_row_norm": "row_norm", "left_spectral": "row_norm",
+              "left_polar_nuclear": "row_unit"}
+
 
 class OptimizerConfig(_Group):
     """The update rule, then warmup and decay to ``min_lr`` (Megatron-LM names). docs/optimizers.md.
 
     ``adamw``: megatron-core's AdamW. ``muon``: megatron-core's Muon (emerging-optimizers) on every matrix,
     AdamW on embeddings, LM head and vectors. ``symmetric``: one symmetry-compatible rule per parameter
-    class (moe_erc/symmetric.py), AdamW on vectors. The ``muon_*`` keys apply to both Muon variants.
+    class (moe_erc/training/symmetric.py), AdamW on vectors. The ``muon_*`` keys apply to both Muon variants.
     """
 
     name: Literal["adamw", "muon", "symmetric"] = "adamw"
@@ -195,7 +227,7 @@ class OptimizerConfig(_Group):
     symmetric_embedding_rule: Literal["row_norm", "hybrid", "spectral"] = "row_norm"  # embeddings, LM head
     symmetric_router_rule: Literal["centered_row_norm", "left_spectral"] = "centered_row_norm"
     symmetric_mlp_rule: Literal["aware", "spectral"] = "aware"  # aware: fc1 row-aware, fc2 column-aware
-    # Per parameter class (moe_erc/param_groups.py): update rule, peak lr, weight decay; a preset fills them
+    # Per parameter class (PARAM_CLASSES): update rule, peak lr, weight decay; a preset (PRESETS) fills them
     # (paper: Lau & Su's OLMoE assignment; paper_adamw_control: their AdamW-for-embedding/head/router control).
     symmetric_preset: Literal["none", "paper", "paper_adamw_control"] = "none"
     param_rules: dict[ParamClass, UpdateRule] = {}
@@ -205,9 +237,9 @@ class OptimizerConfig(_Group):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
-        from moe_erc.param_groups import preset_fields
-
-        return preset_fields(data)
+        """The preset's ``fields`` filled in where the raw section sets none."""
+        preset = PRESETS.get(data.get("symmetric_preset", "none")) if isinstance(data, dict) else None
+        return data if preset is None else {**preset["fields"], **data}
 
 
 class LoggingConfig(_Group):
@@ -333,9 +365,7 @@ def _value_problems(cfg: Config):
         yield f"optimizer.muon_num_ns_steps={o.muon_num_ns_steps} must be >= 1 (Newton-Schulz iterations; 5 is usual)"
     if o.muon_extra_scale_factor <= 0:
         yield f"optimizer.muon_extra_scale_factor={o.muon_extra_scale_factor} must be > 0"
-    from moe_erc.param_groups import problems as param_group_problems
-
-    yield from param_group_problems(cfg)
+    yield from _param_class_problems(cfg)
     if o.lr_decay_iters is not None and o.lr_decay_iters < 1:
         yield f"optimizer.lr_decay_iters={o.lr_decay_iters} must be >= 1 (or unset: training.train_iters)"
     head_dim = m.hidden_size // m.num_attention_heads if m.hidden_size % m.num_attention_heads == 0 else 0
@@ -357,6 +387,38 @@ def _value_problems(cfg: Config):
     sizes = [int(s) for s in cfg.data.split.replace("/", ",").split(",") if s.strip().isdigit()]
     if len(sizes) != len(cfg.data.split.replace("/", ",").split(",")) or not sizes or sum(sizes) <= 0:
         yield f"data.split='{cfg.data.split}' must be comma-separated non-negative weights, e.g. '969,30,1'"
+
+
+def param_class_settings(cfg: Config) -> tuple[dict[str, str], dict[str, float], dict[str, float]]:
+    """``(rules, lr, weight_decay)`` per parameter class: the preset's entries updated by the config's explicit ones."""
+    o = cfg.optimizer
+    preset = PRESETS.get(o.symmetric_preset, {})
+    rules = {**preset.get("rules", {}), **o.param_rules}
+    if "router" in rules and cfg.moe.moe_router_score_function == "sigmoid" and "router" not in o.param_rules:
+        rules["router"] = _UNCENTRED.get(rules["router"], rules["router"])
+    return rules, {**preset.get("lr", {}), **o.param_lr}, {**preset.get("weight_decay", {}), **o.param_weight_decay}
+
+
+def _param_class_problems(cfg: Config):
+    """One line per inconsistent per-class setting."""
+    o = cfg.optimizer
+    rules, lrs, wds = param_class_settings(cfg)
+    if o.symmetric_preset != "none" and o.name != "symmetric":
+        yield (f"optimizer.symmetric_preset={o.symmetric_preset} is an assignment of the symmetric stack; set "
+               f"optimizer.name=symmetric (or leave it unset)")
+    if o.name == "adamw" and any(rule != "adamw" for rule in rules.values()):
+        yield "optimizer.param_rules needs optimizer.name=muon or symmetric (AdamW has one rule for every class)"
+    if rules.get("vectors", "adamw") != "adamw":
+        yield f"optimizer.param_rules: vectors (1-D parameters) can only use adamw, not {rules['vectors']}"
+    for cls, lr in lrs.items():
+        if lr < 0:
+            yield f"optimizer.param_lr.{cls}={lr} must be >= 0"
+    for cls, wd in wds.items():
+        if wd < 0:
+            yield f"optimizer.param_weight_decay.{cls}={wd} must be >= 0"
+        elif wd > 0 and o.weight_decay == 0:
+            yield (f"optimizer.param_weight_decay.{cls}={wd} needs optimizer.weight_decay > 0 (per-class decay is "
+                   f"megatron's multiple of it)")
 
 
 def router_pre_softmax(cfg: "Config") -> bool:

@@ -58,9 +58,8 @@ def main() -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         sys.exit(f"import_example: {out} is not empty; pass another --out")
-    from moe_erc.data.corpus import prepare_embedded_corpus
-    from moe_erc.evaluate import write_choice_task
-    from moe_erc.trainer import EMBEDDED_DATA_DIR
+    from moe_erc.commands.evaluate import write_choice_task
+    from moe_erc.data.corpus import EMBEDDED_DATA_DIR, prepare_embedded_corpus
 
     prefix = prepare_embedded_corpus(EMBEDDED_DATA_DIR, vocab_size=8192)
     random_hf_model(out / "hf-random", f"{prefix}.tokenizer.json", 8192)

@@ -39,9 +39,9 @@ if [ "${1:-}" = "--gpu" ]; then
     [ -z "$still" ] || { say "still missing after the install: $(echo $still)"; exit 2; }
   fi
   # moe-erc from the source tree: the CLI, and everything a training run imports.
-  out="$("$PY" -m moe_erc --help 2>&1)" && out="$("$PY" -c 'import moe_erc.trainer' 2>&1)" || {
+  out="$("$PY" -m moe_erc --help 2>&1)" && out="$("$PY" -c 'import moe_erc.training.trainer' 2>&1)" || {
     echo "$out" | tail -n 3 >&2
-    say "python -m moe_erc --help / import moe_erc.trainer fail with PYTHONPATH=$PYTHONPATH"; exit 2; }
+    say "python -m moe_erc --help / import moe_erc.training.trainer fail with PYTHONPATH=$PYTHONPATH"; exit 2; }
   export HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 WANDB_MODE=disabled PYTHONUNBUFFERED=1
   exec "$PY" -m pytest tests/gpu -m gpu "$@"
 fi

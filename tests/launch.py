@@ -39,8 +39,8 @@ TINY = [
 ]
 
 # Imported once by the forkserver; every forked process starts with them loaded.
-_PRELOAD = ["moe_erc.cli", "moe_erc.trainer", "moe_erc.export", "moe_erc.report", "moe_erc.analyze",
-            "moe_erc.plan", "moe_erc.study"]
+_PRELOAD = ["moe_erc.cli", "moe_erc.training.trainer", "moe_erc.commands.export", "moe_erc.commands.report", "moe_erc.commands.analyze",
+            "moe_erc.commands.plan", "moe_erc.commands.study"]
 _context = None
 
 

@@ -105,7 +105,7 @@ CASES = {
     "kmeans momentum": (T("moe.kmeans_momentum=1"), "moe.kmeans_momentum=1.0 must be in [0, 1)"),
     "aoe rank": (T("moe.aoe_rank=64"), "moe.aoe_rank=64 must be in 1..model.hidden_size=32"),
     "top-1 softmax": (T("moe.moe_router_topk=1"), "needs moe.moe_router_pre_softmax=true"),
-    # -- optimizer values (issue 21: these reached torch/megatron, or trained)
+    # -- optimizer values (unchecked, these would reach torch/megatron, or train)
     "muon coefficients": (T("optimizer.name=muon", "optimizer.muon_coefficient_type=cubic"), "muon_coefficient_type"),
     "newton-schulz steps": (T("optimizer.muon_num_ns_steps=0"), "muon_num_ns_steps=0 must be >= 1"),
     "muon momentum": (T("optimizer.muon_momentum=1.5"), "muon_momentum=1.5 must be in [0, 1)"),
@@ -147,7 +147,7 @@ CASES = {
                             "text"),
     "analyze nothing": (("analyze", ["{root}/nothing"]), "no complete checkpoint"),
     "plan without world size": (("plan", ["configs/tiny.yaml"]), "no world size"),
-    # -- outputs and command arguments (issue 21)
+    # -- outputs and command arguments
     "analyze negative alpha": (("analyze", ["{root}/ckpt", "--alphas", "1,-0.5"]), "must be comma-separated numbers >= 0"),
     "analyze nan alpha": (("analyze", ["{root}/ckpt", "--alphas", "nan"]), "numbers >= 0"),
     "analyze out is a file": (("analyze", ["{root}/ckpt", "--out", "{root}/a_file"]), "is a file; give a directory"),

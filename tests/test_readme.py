@@ -1,11 +1,11 @@
-"""Every command line in README.md runs as written, with a tiny step count (issue 21).
+"""Every command line in README.md runs as written, with a tiny step count.
 
 Each line of the README's ``bash`` blocks runs in bash, in a scratch directory laid out like the repository
 (``configs/``, ``scripts/``, ``.venv`` linked), with ``moe-erc``, ``torchrun``, ``python`` and the other
 entry points replaced by shell functions that record their arguments: loops, globs and the demo/test
 scripts expand as they would for a user. The recorded ``moe-erc`` calls then run in this process (imports
 paid once) with overrides that shrink the step count only; ``torchrun`` lines get the launcher's layout
-check for their process count (the 2-process layouts themselves are trained in tests/test_training.py).
+check for their process count (the 2-process layouts themselves are trained in tests/training/test_training.py).
 A README line this test does not know how to run fails it, so a new example cannot go untested.
 """
 
@@ -34,15 +34,15 @@ SHRINK_STUDY = [*TINY, *SHRINK_TRAIN, "data.split=969,30,1", "training.eval_inte
 # Lines that cannot run on a CPU test machine, each with the reason; everything else must run.
 NOT_RUN = {
     "moe-erc study": "the full 2-hour study; `moe-erc study --quick` above runs the same code with one seed",
-    "moe-erc study --kmeans-ablation": "27 runs of the study model; tests/test_study.py checks its report on "
-                                       "synthetic results and tests/test_kmeans.py each option",
-    "moe-erc study --optimizer-ablation": "13 runs of the study model; tests/test_study.py checks its verdicts on "
-                                          "synthetic results, tests/test_optimizer_training.py trains the preset",
-    "moe-erc import": "needs a Hugging Face model directory; tests/test_import.py imports and upcycles random models "
+    "moe-erc study --kmeans-ablation": "27 runs of the study model; tests/commands/test_study.py checks its report on "
+                                       "synthetic results and tests/model/test_kmeans.py each option",
+    "moe-erc study --optimizer-ablation": "13 runs of the study model; tests/commands/test_study.py checks its verdicts on "
+                                          "synthetic results, tests/training/test_optimizer_training.py trains the preset",
+    "moe-erc import": "needs a Hugging Face model directory; tests/commands/test_import.py imports and upcycles random models "
                       "of every supported class",
     "moe-erc train runs/imported/config.yaml": "trains from the import above on the user's data (MY_PREFIX); "
-                                               "tests/test_import.py trains an imported model under three layouts",
-    "moe-erc eval": "arc_easy / hellaswag download their datasets; tests/test_eval.py runs a local task offline",
+                                               "tests/commands/test_import.py trains an imported model under three layouts",
+    "moe-erc eval": "arc_easy / hellaswag download their datasets; tests/commands/test_eval.py runs a local task offline",
     "sbatch": "needs SLURM; tests/test_launchers.py runs the batch script's launch line",
     "lm_eval": "lm-evaluation-harness is not a test dependency here",
     "pip install -e .": "installs into the environment; scripts/setup_env.sh does the same for these tests",

@@ -95,3 +95,12 @@ def runtime_device() -> str:
     machine runs with ``training.device=cpu``).
     """
     return _RUNTIME["device"] or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def comm_device() -> torch.device:
+    """Where tensors handed to collectives must live: the GPU under NCCL, the CPU under gloo."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -15,6 +15,8 @@ from typing import Iterator
 from moe_erc.errors import DataError
 
 CORPUS_NAME = "shakespeare"
+EMBEDDED_DATA_DIR = Path("data") / "embedded"  # where ``data.data_path: embedded`` is prepared (relative to the cwd)
+EMBEDDED_PREFIX = EMBEDDED_DATA_DIR / f"{CORPUS_NAME}_text_document"
 
 
 def embedded_corpus_files() -> list[Path]:
@@ -55,6 +57,19 @@ def prepare_embedded_corpus(out_dir: str | os.PathLike, vocab_size: int = 8192, 
         )
     assert written == [prefix], written
     return prefix
+
+
+def resolve_data_path(data_path, vocab_size: int, is_first_rank: bool) -> list:
+    """``data.data_path`` as a list, with ``embedded`` replaced by the prepared corpus's prefix. Collective when
+    it is ``embedded``: rank 0 prepares it while the others wait at a barrier, then every rank finds it ready."""
+    if data_path == "embedded" or data_path == ["embedded"]:
+        import torch.distributed as dist
+
+        if is_first_rank:
+            prepare_embedded_corpus(EMBEDDED_DATA_DIR, vocab_size=vocab_size)
+        dist.barrier()
+        return [prepare_embedded_corpus(EMBEDDED_DATA_DIR, vocab_size=vocab_size)]
+    return [data_path] if isinstance(data_path, str) else list(data_path)
 
 
 def _is_prepared(prefix: str, vocab_size: int) -> bool:

@@ -1,4 +1,4 @@
-"""AoE experts differ between expert-parallel ranks on a GPU (tests/aoe_ranks.py explains the check).
+"""AoE experts differ between expert-parallel ranks on a GPU (tests/model/aoe_ranks.py explains the check).
 
 Before the fix the weights were made on the CPU while the RNG tracker forked the CUDA generator, so every
 EP rank drew the same experts. One GPU suffices: rank 0's and rank 1's initialisation run in one process.
@@ -10,7 +10,7 @@ from aoe_ranks import experts_as_ep_rank
 
 
 def test_each_expert_parallel_rank_draws_its_own_experts_on_the_device(device):
-    from moe_erc import parallel
+    from moe_erc.training import parallel
     from moe_erc.compat import prepare_runtime
     from moe_erc.config import load_config
 

@@ -1,7 +1,7 @@
 """The ERC loss and its router / expert gradients on the device in bf16, against float64 on the CPU.
 
 R ``[n, d]`` and stacked gate weights W ``[n, D, d]`` are drawn in bf16 and put on the device; the loss of
-:func:`moe_erc.erc.erc_loss` (clean proxies, ``noise=False``, so no device RNG is involved) and its gradients
+:func:`moe_erc.model.erc.erc_loss` (clean proxies, ``noise=False``, so no device RNG is involved) and its gradients
 are compared with an independent einsum written from the formulas, run in float64 on the same bf16 values:
 
     M[i, j] = ||W_j R_i||,   L = 1/n^2 sum_{i != j} relu(M[i,j] - a M[i,i]) + relu(M[j,i] - a M[i,i])
@@ -15,7 +15,7 @@ similarity > 0.999. Under MOE_ERC_GPU_TIER_DEVICE=cpu the same checks run on the
 import pytest
 import torch
 
-from moe_erc.erc import activation_matrix, erc_loss, noise_bounds, proxy_tokens
+from moe_erc.model.erc import activation_matrix, erc_loss, noise_bounds, proxy_tokens
 
 ALPHA = 0.5
 SHAPES = [(64, 128, 1536), (256, 512, 64)]  # (n, D, d): 3B-like d; 15B-like n and D. Reference < 1 s each.
@@ -43,7 +43,7 @@ def reference(R, W, alpha):
 
 
 def on_device(R, W, alpha):
-    """(loss, dL/dR, dL/dW) of moe_erc.erc on R's device; W stacked, or a list of [D, d] leaves."""
+    """(loss, dL/dR, dL/dW) of moe_erc.model.erc on R's device; W stacked, or a list of [D, d] leaves."""
     R = R.clone().requires_grad_()
     Ws = [w.clone().requires_grad_() for w in W] if isinstance(W, list) else W.clone().requires_grad_()
     loss = erc_loss(R, Ws, alpha=alpha, noise=False)

@@ -14,7 +14,8 @@ def _rel(a, b) -> float:
 
 @pytest.mark.parametrize("counts", [[512, 0, 300, 1234], [1, 2, 3, 4]])
 def test_grouped_experts_match_sequential_mlp_in_bf16(device, counts):
-    from moe_erc import model as model_lib, parallel
+    from moe_erc.model import gpt as model_lib
+    from moe_erc.training import parallel
     from moe_erc.compat import prepare_runtime
     from moe_erc.config import load_config
 

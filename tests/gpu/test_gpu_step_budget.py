@@ -3,7 +3,7 @@
 ``benchmarks/step_budget.py`` counts syncs on CPU by rule; here CUDA itself says when the host waited:
 ``torch.cuda.set_sync_debug_mode("warn")`` warns at every synchronizing call (``item``, ``nonzero``, a
 blocking copy to the host...). At EP = 1 the step must warn at most once: the trainer's one read. Same
-scaled-down 3B shapes as tests/test_step_budget.py, every router, one warm-up step.
+scaled-down 3B shapes as tests/commands/test_step_budget.py, every router, one warm-up step.
 """
 
 import warnings
@@ -11,15 +11,15 @@ import warnings
 import pytest
 import torch
 
-from moe_erc import budget
+from moe_erc.commands import budget
 from moe_erc.config import load_config
 
 
 @pytest.mark.cuda_only("CUDA's sync debug mode needs a GPU")
 @pytest.mark.parametrize("variant", ["erc", "aoe", "kmeans", "auxfree"])
 def test_one_host_sync_per_step_on_the_gpu(tiny_corpus, tmp_path, device, variant):
-    from moe_erc import parallel
-    from moe_erc.metrics import clear_moe_layer_metrics
+    from moe_erc.training import parallel
+    from moe_erc.training.metrics import clear_moe_layer_metrics
 
     cfg = load_config(None, budget.budget_overrides(str(tmp_path / "run"), tiny_corpus, device=device)
                       + budget.VARIANTS[variant])

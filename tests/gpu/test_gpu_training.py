@@ -79,7 +79,7 @@ def test_bf16_resume_continues_the_run(tiny_corpus, tmp_path, device, optimizer)
     that never stopped. On a GPU to rel 1e-2: the two runs are not bitwise equal, because megatron's MoE
     token permutation scatters with atomic adds whose order varies, and bf16 keeps 8 bits of mantissa
     (2^-8 = 3.9e-3 per rounding), which the next steps amplify. On CPU the runs are deterministic: 1e-6."""
-    from moe_erc.checkpoint import verify
+    from moe_erc.training.checkpoint import verify
 
     common = ["training.train_iters=6", "training.precision=bf16", f"training.device={device}",
               "optimizer.lr=3e-3", *optimizer]
@@ -107,7 +107,7 @@ def reference(tiny_corpus, tmp_path_factory, device) -> Path:
     return run
 
 
-@pytest.mark.cuda_only("two processes on one device: the CPU version is tests/test_training.py")
+@pytest.mark.cuda_only("two processes on one device: the CPU version is tests/training/test_training.py")
 @pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.device_count() < 2,
                     reason="needs 2 CUDA GPUs (EP=2 / TP=2 over NCCL)")
 @pytest.mark.parametrize("layout", [["parallel.expert_model_parallel_size=2"],

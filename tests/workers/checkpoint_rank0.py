@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from moe_erc import checkpoint
+from moe_erc.training import checkpoint
 from moe_erc.errors import CheckpointError
 
 

@@ -8,9 +8,9 @@ megatron's model-parallel groups are rebuilt for each.
 
 import sys
 
-from moe_erc import parallel
+from moe_erc.training import parallel
 from moe_erc.config import load_config
-from moe_erc.trainer import Trainer
+from moe_erc.training.trainer import Trainer
 
 from megatron.core import parallel_state  # noqa: E402  (moe_erc made it importable)
 

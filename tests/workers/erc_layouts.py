@@ -19,8 +19,8 @@ from moe_erc.compat import prepare_runtime
 prepare_runtime("cpu")
 from megatron.core import parallel_state as ps  # noqa: E402
 
-from moe_erc import erc  # noqa: E402
-from moe_erc.layers.erc_layer import distributed_activation_matrix, gradient_scales  # noqa: E402
+from moe_erc.model import erc  # noqa: E402
+from moe_erc.model.layers.erc_layer import distributed_activation_matrix, gradient_scales  # noqa: E402
 
 N, d, D, ALPHA = 8, 12, 10, 0.5
 

@@ -1,4 +1,4 @@
-"""Run under torchrun with 2 processes: count one ERC training step at EP=2 (moe_erc.budget).
+"""Run under torchrun with 2 processes: count one ERC training step at EP=2 (moe_erc.commands.budget).
 
 argv: data prefix, run directory. Prints one JSON line per rank: the StepCount as a dict.
 """
@@ -7,7 +7,7 @@ import json
 import os
 import sys
 
-from moe_erc.budget import budget_overrides, count_step
+from moe_erc.commands.budget import budget_overrides, count_step
 from moe_erc.config import load_config
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ prepare_runtime("cpu")
 from megatron.core import parallel_state as ps  # noqa: E402
 from megatron.core.process_groups_config import ProcessGroupCollection  # noqa: E402
 
-from moe_erc.symmetric import SymmetricMuon  # noqa: E402
+from moe_erc.training.symmetric import SymmetricMuon  # noqa: E402
 
 E, D, d, V = 4, 6, 8, 16
 

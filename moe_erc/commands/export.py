@@ -1,0 +1,245 @@
+"""``moe-erc export CHECKPOINT --out DIR``: a Hugging Face transformers model directory from any checkpoint.
+
+The checkpoint is loaded into one process whatever layout it was saved in (dist_checkpointing merges the
+TP / EP / PP shards), its weights are renamed and split by the mapping ``import`` shares (:mod:`moe_erc.model.hf_mapping`, docs/export.md), and
+transformers writes ``config.json``, ``model.safetensors`` shards and ``generation_config.json`` in its
+hub format; the run's tokenizer is written beside them as a fast tokenizer. The architecture follows the
+run's routing, so the exported forward is the trained one:
+
+=======================================  ===================  ==========================================
+routing                                  architecture          how it is expressed
+=======================================  ===================  ==========================================
+top-K, softmax over the K (megatron's)   MixtralForCausalLM    softmax over all, top-K, renormalised
+                                                               (the same gates)
+the same with dense layers mixed in      Qwen2MoeForCausalLM   ``mlp_only_layers``, ``norm_topk_prob``
+either, with per-head QK RMSNorm         Qwen3MoeForCausalLM   ``q_norm`` / ``k_norm`` over head_dim
+softmax over all, top-K, no renorm       Qwen2MoeForCausalLM   ``norm_topk_prob=false``, no shared expert,
+(``moe_router_pre_softmax``)                                   no QKV bias
+sigmoid + expert bias (aux-loss-free)    Glm4MoeForCausalLM    ``e_score_correction_bias``, one group,
+                                                               ``first_k_dense_replace``, full rotary
+=======================================  ===================  ==========================================
+
+Anything else (AoE, K-Means, LayerNorm, biases, a capacity factor, ...) is refused in one line
+naming what no transformers class expresses. ERC adds no parameters: an ERC run exports like its router.
+Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from moe_erc.config import Config
+from moe_erc.errors import ConfigError, UserError
+from moe_erc.model.hf_mapping import layer_kinds, megatron_to_hf
+from moe_erc.outputs import check_output_dir, staged_directory
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class ExportError(UserError):
+    """The checkpoint's model has no exact transformers equivalent (or cannot be read)."""
+
+
+# ----------------------------------------------------------------------------------------- architecture
+
+
+def architecture(cfg: Config) -> str:
+    """``mixtral``, ``qwen2_moe`` or ``glm4_moe`` for this run's routing; :class:`ExportError` otherwise."""
+    from moe_erc.config import router_pre_softmax
+
+    m, moe = cfg.model, cfg.moe
+    missing = []
+    if moe.router != "topk":
+        missing.append(f"moe.router={moe.router} (no transformers model routes like "
+                       f"{'Autonomy-of-Experts' if moe.router == 'aoe' else 'online K-Means'})")
+    if m.normalization != "RMSNorm":
+        missing.append(f"model.normalization={m.normalization} (the MoE classes use RMSNorm)")
+    if not m.swiglu:
+        missing.append("model.swiglu=false (the MoE classes use SwiGLU experts)")
+    if m.add_bias_linear:
+        missing.append("model.add_bias_linear=true (no linear biases in the MoE classes)")
+    if m.qk_layernorm and moe.moe_router_score_function == "sigmoid":
+        missing.append("model.qk_layernorm=true with sigmoid routing (GLM-4-MoE's QK norm is not exported)")
+    if m.position_embedding_type != "rope":
+        missing.append(f"model.position_embedding_type={m.position_embedding_type} (the MoE classes use RoPE)")
+    if moe.moe_expert_capacity_factor is not None:
+        missing.append("moe.moe_expert_capacity_factor (token dropping)")
+    kinds = layer_kinds(cfg)
+    sigmoid = moe.moe_router_score_function == "sigmoid"
+    if sigmoid and not moe.moe_router_enable_expert_bias:
+        missing.append("sigmoid routing without expert bias (Glm4Moe always adds its correction bias; enable "
+                       "moe.moe_router_enable_expert_bias)")
+    if sigmoid and kinds != sorted(kinds):
+        missing.append("dense layers after MoE layers with sigmoid routing (Glm4Moe: only the first k dense)")
+    if missing:
+        raise ExportError("cannot export to transformers: " + "; ".join(missing))
+    if sigmoid:
+        return "glm4_moe"
+    if m.qk_layernorm:  # per-head RMSNorm on Q and K, as megatron's
+        return "qwen3_moe"
+    if router_pre_softmax(cfg) or not all(kinds):
+        return "qwen2_moe"
+    return "mixtral"
+
+
+def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
+    """The transformers config of ``arch`` with this run's shapes."""
+    import transformers
+
+    from moe_erc.config import router_pre_softmax
+
+    m, moe = cfg.model, cfg.moe
+    heads = m.num_attention_heads
+    common = dict(
+        vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
+        num_attention_heads=heads, num_key_value_heads=m.num_query_groups or heads, head_dim=m.hidden_size // heads,
+        hidden_act="silu", max_position_embeddings=m.max_position_embeddings or m.seq_length, rms_norm_eps=m.norm_epsilon,
+        tie_word_embeddings=not m.untie_embeddings_and_output_weights, attention_dropout=0.0,
+        num_experts_per_tok=moe.moe_router_topk, bos_token_id=None, eos_token_id=eod, pad_token_id=eod,
+        dtype=DTYPES[dtype],
+    )
+    rope = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
+    expert_width = moe.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size
+    dense_width = m.ffn_hidden_size or 4 * m.hidden_size
+    if arch == "mixtral":
+        return transformers.MixtralConfig(**common, intermediate_size=expert_width, num_local_experts=moe.num_experts,
+                                          router_jitter_noise=0.0, sliding_window=None, rope_parameters=rope)
+    kinds = layer_kinds(cfg)
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(
+            **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=moe.num_experts,
+            norm_topk_prob=not router_pre_softmax(cfg), attention_bias=False, decoder_sparse_step=1,
+            mlp_only_layers=[i for i, is_moe in enumerate(kinds) if not is_moe], use_sliding_window=False,
+            rope_parameters=rope)
+    if arch == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(
+            **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=moe.num_experts,
+            shared_expert_intermediate_size=0, norm_topk_prob=not router_pre_softmax(cfg), qkv_bias=False,
+            decoder_sparse_step=1, mlp_only_layers=[i for i, is_moe in enumerate(kinds) if not is_moe],
+            use_sliding_window=False, rope_parameters=rope)
+    return transformers.Glm4MoeConfig(
+        **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, n_routed_experts=moe.num_experts,
+        n_shared_experts=0, n_group=1, topk_group=1, norm_topk_prob=moe.moe_router_topk > 1,
+        routed_scaling_factor=1.0, first_k_dense_replace=kinds.index(True) if any(kinds) else m.num_layers,
+        use_qk_norm=False, attention_bias=False, rope_parameters={**rope, "partial_rotary_factor": 1.0})
+
+
+# ---------------------------------------------------------------------------------------------- weights
+
+
+def convert(cfg: Config, state: dict, arch: str, vocab_size: int) -> dict[str, torch.Tensor]:
+    """megatron GPTModel state (one process) -> transformers state of ``arch`` (in-memory names): the shared
+    mapping (:func:`moe_erc.model.hf_mapping.megatron_to_hf`) plus what ``arch`` builds on its own."""
+    out = megatron_to_hf(cfg, state, vocab_size)
+    d = cfg.model.hidden_size
+    for i, is_moe in enumerate(layer_kinds(cfg)):
+        dst = f"model.layers.{i}"
+        bias = f"{dst}.mlp.gate.e_score_correction_bias"
+        if bias in out:
+            out[bias] = out[bias].float()  # transformers keeps the correction bias in fp32 whatever the dtype
+        if is_moe and arch in ("qwen2_moe", "glm4_moe"):  # their always-built shared expert, made zero-width
+            shared = "shared_expert" if arch == "qwen2_moe" else "shared_experts"
+            for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
+                out[f"{dst}.mlp.{shared}.{proj}.weight"] = torch.zeros(shape)
+            if arch == "qwen2_moe":
+                out[f"{dst}.mlp.shared_expert_gate.weight"] = torch.zeros(1, d)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- tokenizer
+
+
+def run_tokenizer(cfg: Config, step_dir: Path, tokenizer: str | None = None):
+    """The tokenizer the run trained with: ``--tokenizer``, the copy in the run directory, or the one saved
+    beside its data (``tokenizer.path`` / data prefix, relative to the current directory)."""
+    from moe_erc.data.tokenizer import _load_tokenizer_file, load_tokenizer, resolve_tokenizer
+
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    for parent in step_dir.parents:
+        if (parent / "tokenizer.json").is_file() and (parent / "config.yaml").is_file():
+            return _load_tokenizer_file(parent / "tokenizer.json")
+    from moe_erc.data.corpus import EMBEDDED_PREFIX
+
+    raw = cfg.data.data_path
+    if raw in ("embedded", ["embedded"]):
+        raw = str(EMBEDDED_PREFIX)
+    prefixes = [raw] if isinstance(raw, str) else [p for p in raw if isinstance(p, str)]
+    try:
+        return resolve_tokenizer(prefixes, cfg.tokenizer.path)
+    except UserError as exc:
+        raise ExportError(f"cannot find the run's tokenizer ({exc}); pass --tokenizer PATH") from None
+
+
+def save_tokenizer(tokenizer, out: Path) -> None:
+    """The tokenizer as a transformers fast tokenizer; its end-of-document token is EOS and padding."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer.hf_tokenizer, eos_token=tokenizer.eod_token,
+                                   pad_token=tokenizer.eod_token, clean_up_tokenization_spaces=False)
+    fast.save_pretrained(str(out))
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def export(path: str, out: str, dtype: str = "fp32", tokenizer: str | None = None,
+           max_shard_size: str = "5GB") -> dict:
+    """Write the transformers directory ``out``; returns a summary (architecture, parameters, files)."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ConfigError("moe-erc export needs transformers: pip install -e '.[hf]' "
+                          "(scripts/setup_env.sh installs it)") from None
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from moe_erc.training.checkpoint import one_process_model
+
+    out_dir = Path(out)
+    with one_process_model(path, check=architecture) as (cfg, net, meta):  # refused before loading
+        arch = architecture(cfg)
+        tok = run_tokenizer(cfg, Path(meta["step_dir"]), tokenizer)
+        state = {k: v for k, v in net.state_dict().items() if "_extra_state" not in k}
+        vocab = max(tok.vocab_size, cfg.model.vocab_size or 0)  # an imported model keeps its own vocabulary size
+        weights = convert(cfg, state, arch, vocab)
+    config = hf_config(cfg, arch, vocab, tok.eod, dtype)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=DTYPES[dtype])
+    expected = set(model.state_dict())
+    if set(weights) != expected:
+        raise ExportError(f"weight mapping mismatch for {arch}: missing {sorted(expected - set(weights))[:4]}, "
+                          f"unexpected {sorted(set(weights) - expected)[:4]}")
+    model.load_state_dict({k: v.to(DTYPES[dtype]) if v.is_floating_point() and "correction_bias" not in k else v
+                           for k, v in weights.items()}, strict=True, assign=True)
+    with staged_directory(out_dir) as staging:  # a failure half-way leaves an earlier export as it was
+        model.save_pretrained(str(staging), max_shard_size=max_shard_size)
+        GenerationConfig(eos_token_id=tok.eod, pad_token_id=tok.eod, bos_token_id=None).save_pretrained(str(staging))
+        save_tokenizer(tok, staging)
+    summary = {"architecture": type(model).__name__, "checkpoint": meta["step_dir"], "step": meta.get("step"),
+               "dtype": dtype, "vocab_size": vocab, "parameters": sum(w.numel() for w in weights.values()),
+               "out": str(out_dir), "files": sorted(p.name for p in out_dir.iterdir())}
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="moe-erc export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a checkpoint directory (step_XXXXXXX or its parent)")
+    parser.add_argument("--out", required=True, help="the transformers model directory to write")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer to save (default: the run's)")
+    parser.add_argument("--max-shard-size", default="5GB")
+    parser.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    args = parser.parse_args(argv)
+    check_output_dir(args.out, must_be_empty=True, force=args.force)
+    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B)?\s*", args.max_shard_size, flags=re.IGNORECASE):
+        raise ExportError(f"--max-shard-size '{args.max_shard_size}' must be a size such as 5GB, 500MB or 2GiB")
+    summary = export(args.checkpoint, args.out, args.dtype, args.tokenizer, args.max_shard_size)
+    print(f"export: {summary['architecture']} ({summary['parameters'] / 1e6:.2f}M parameters, {summary['dtype']}) "
+          f"from step {summary['step']} -> {summary['out']}: {', '.join(summary['files'])}")
+    print(json.dumps(summary))
+    return 0

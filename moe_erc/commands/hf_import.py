@@ -1,0 +1,304 @@
+"""``moe-erc import HF_DIR --out CHECKPOINT_DIR``: a transformers MoE checkpoint as a moe-erc checkpoint.
+
+The inverse of ``moe-erc export`` (:mod:`moe_erc.commands.export`) for the classes it writes and Qwen3-MoE: the
+transformers model is loaded from the local directory (never the hub), its architecture becomes a moe-erc YAML
+config, its weights are renamed and fused back into megatron's layout (the table ``export`` reads the other way,
+:mod:`moe_erc.model.hf_mapping`), and a dist_checkpointing checkpoint is written at step 0 without optimizer state,
+so ``checkpoint.load=`` starts any method (ERC on, a fresh optimizer) from it in any TP / EP / PP layout. The tokenizer is copied beside it
+(``tokenizer.json``, the config's ``tokenizer.path``).
+
+==================  ===========================================================================================
+transformers class  moe-erc config
+==================  ===========================================================================================
+Mixtral             softmax over all, top-K, renormalised = megatron's top-K then softmax over the K
+Qwen2-MoE           ``norm_topk_prob=false`` -> ``moe_router_pre_softmax``; ``mlp_only_layers`` -> ``moe_layer_freq``
+Qwen3-MoE           as Qwen2-MoE, plus per-head QK RMSNorm -> ``model.qk_layernorm``
+GLM-4-MoE           sigmoid + ``e_score_correction_bias`` -> aux-loss-free routing (expert bias), first k dense
+==================  ===========================================================================================
+
+Refused in one line naming the feature: OLMoE (its QK-norm spans the whole projection; megatron-core's is per
+head), shared experts, QKV biases, partial rotary, group-limited routing, a routed scaling factor, sliding
+windows and rope scaling (moe-erc's config does not express them yet), and anything that is not one of these
+classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from moe_erc.errors import ConfigError, UserError
+from moe_erc.model.hf_mapping import hf_to_megatron
+from moe_erc.outputs import check_output_dir, staged_directory
+
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
+DENSE = ("llama", "mistral", "qwen2", "qwen3")  # upcycled (--upcycle)
+
+
+class ImportError_(UserError):
+    """The directory is not a transformers checkpoint moe-erc can express."""
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+def read_hf_config(hf_dir: str):
+    """The transformers config in ``hf_dir`` (local files only)."""
+    path = Path(hf_dir)
+    if not (path / "config.json").is_file():
+        raise ImportError_(f"{hf_dir} is not a Hugging Face checkpoint (no config.json); pass a directory written "
+                           f"by save_pretrained")
+    try:
+        from transformers import AutoConfig
+    except ImportError:
+        raise ConfigError("moe-erc import needs transformers: pip install -e '.[hf]'") from None
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its notes on odd config values are not ours to repeat; refusals are
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (ValueError, KeyError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ImportError_(f"{hf_dir}/config.json cannot be read by transformers: {first}") from None
+
+
+def _get(hf, *names, default=None):
+    for name in names:
+        if getattr(hf, name, None) is not None:
+            return getattr(hf, name)
+    return default
+
+
+def _rope_theta(hf) -> float:
+    params = getattr(hf, "rope_parameters", None) or {}
+    return float(params.get("rope_theta", _get(hf, "rope_theta", default=10000.0)))
+
+
+def unsupported(hf, upcycle: bool = False) -> list[str]:
+    """The features of ``hf`` moe-erc's config cannot express (empty: importable)."""
+    kind = hf.model_type
+    if kind in DENSE and not upcycle:
+        return [f"{type(hf).__name__} is a dense model; pass --upcycle --num-experts N --topk K to make it an MoE"]
+    if upcycle and kind not in DENSE:
+        return [f"--upcycle takes a dense model ({', '.join(DENSE)}), not model_type '{kind}'"]
+    if kind == "olmoe":
+        return ["OLMoE normalises Q and K over the whole projection (q_norm width hidden_size); megatron-core's "
+                "qk_layernorm normalises each head"]
+    if kind not in SUPPORTED + DENSE:
+        return [f"model_type '{kind}' (supported: {', '.join(SUPPORTED)}; dense, with --upcycle: {', '.join(DENSE)})"]
+    out = []
+    params = getattr(hf, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default":
+        out.append(f"rope scaling '{params.get('rope_type')}'")
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        out.append(f"partial rotary (partial_rotary_factor={params.get('partial_rotary_factor')})")
+    if _get(hf, "sliding_window") is not None and _get(hf, "use_sliding_window", default=True):
+        out.append(f"sliding-window attention (sliding_window={hf.sliding_window})")
+    if _get(hf, "shared_expert_intermediate_size", default=0) or _get(hf, "n_shared_experts", default=0):
+        out.append("shared experts")
+    if _get(hf, "qkv_bias", "attention_bias", default=False) or kind == "qwen2":  # Qwen2 always has them
+        out.append("QKV biases")
+    if _get(hf, "mlp_bias", default=False):
+        out.append("MLP biases")
+    if _get(hf, "hidden_act", default="silu") != "silu":
+        out.append(f"hidden_act={hf.hidden_act} (SwiGLU experts use silu)")
+    if kind == "glm4_moe":
+        if _get(hf, "n_group", default=1) != 1 or _get(hf, "topk_group", default=1) != 1:
+            out.append("group-limited routing (n_group / topk_group)")
+        if float(_get(hf, "routed_scaling_factor", default=1.0)) != 1.0:
+            out.append(f"routed_scaling_factor={hf.routed_scaling_factor}")
+        if _get(hf, "use_qk_norm", default=False):
+            out.append("GLM's QK norm")
+        if bool(_get(hf, "norm_topk_prob", default=True)) != (hf.num_experts_per_tok > 1):
+            out.append("norm_topk_prob that differs from megatron's sigmoid top-K normalisation")
+    if kind in ("qwen2_moe", "qwen3_moe") and _get(hf, "decoder_sparse_step", default=1) != 1:
+        out.append(f"decoder_sparse_step={hf.decoder_sparse_step} (use mlp_only_layers)")
+    return out
+
+
+def layer_pattern(hf) -> list[int]:
+    """1 for each MoE layer, 0 for each dense one."""
+    n = hf.num_hidden_layers
+    if hf.model_type in DENSE:
+        return [0] * n
+    if hf.model_type == "glm4_moe":
+        return [0 if i < hf.first_k_dense_replace else 1 for i in range(n)]
+    if hf.model_type in ("qwen2_moe", "qwen3_moe"):
+        dense = set(_get(hf, "mlp_only_layers", default=[]) or [])
+        return [0 if i in dense else 1 for i in range(n)]
+    return [1] * n
+
+
+def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None = None) -> dict:
+    """The moe-erc YAML config (as a dict) that rebuilds ``hf``'s architecture; ``upcycle``
+    (``num_experts``, ``topk``, ``expert_width``): a dense model's config with every MLP an MoE layer."""
+    problems = unsupported(hf, upcycle is not None)
+    if problems:
+        raise ImportError_(f"cannot import {type(hf).__name__}: " + "; ".join(problems))
+    kind, heads = hf.model_type, hf.num_attention_heads
+    head_dim = _get(hf, "head_dim", default=hf.hidden_size // heads)
+    if head_dim * heads != hf.hidden_size:
+        raise ImportError_(f"cannot import: head_dim={head_dim} x {heads} heads != hidden_size={hf.hidden_size} "
+                           f"(megatron-core derives the head size from hidden_size)")
+    experts = _get(hf, "num_local_experts", "num_experts", "n_routed_experts")
+    expert_width = _get(hf, "moe_intermediate_size", default=hf.intermediate_size)
+    pattern = layer_pattern(hf)
+    if upcycle is not None:
+        experts, expert_width = upcycle["num_experts"], upcycle.get("expert_width") or hf.intermediate_size
+        if hf.intermediate_size % expert_width or experts % (hf.intermediate_size // expert_width):
+            raise ImportError_(f"--expert-width {expert_width} must divide the dense width {hf.intermediate_size} "
+                               f"and the number of experts must be a multiple of their ratio (the granularity)")
+        pattern = [1] * hf.num_hidden_layers
+    model = {
+        "num_layers": hf.num_hidden_layers, "hidden_size": hf.hidden_size, "num_attention_heads": heads,
+        "num_query_groups": _get(hf, "num_key_value_heads", default=heads), "ffn_hidden_size": hf.intermediate_size,
+        "seq_length": min(2048, hf.max_position_embeddings), "max_position_embeddings": hf.max_position_embeddings,
+        "position_embedding_type": "rope", "rotary_base": int(_rope_theta(hf)), "normalization": "RMSNorm",
+        "norm_epsilon": float(hf.rms_norm_eps), "swiglu": True, "add_bias_linear": False,
+        "qk_layernorm": kind in ("qwen3_moe", "qwen3"), "untie_embeddings_and_output_weights": not hf.tie_word_embeddings,
+        "make_vocab_size_divisible_by": 128, "vocab_size": hf.vocab_size, "moe_layer_freq": pattern if 0 in pattern else 1,
+    }
+    topk = upcycle["topk"] if upcycle is not None else hf.num_experts_per_tok
+    moe = {"num_experts": experts, "moe_router_topk": topk, "moe_ffn_hidden_size": expert_width, "router": "topk"}
+    if kind == "glm4_moe":
+        moe.update(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
+                   moe_router_load_balancing_type="none")
+    elif kind in ("qwen2_moe", "qwen3_moe") and not _get(hf, "norm_topk_prob", default=False):
+        moe["moe_router_pre_softmax"] = True
+    cfg = {"model": model, "moe": moe}
+    if tokenizer_path:
+        cfg["tokenizer"] = {"path": tokenizer_path}
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- import
+
+
+def load_hf_model(hf_dir: str):
+    """The transformers model in ``hf_dir`` (fp32, CPU, eval mode; local files only)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32).eval()
+    except (OSError, ValueError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ImportError_(f"cannot load the weights in {hf_dir}: {first}") from None
+
+
+def import_checkpoint(hf_dir: str, out: str, config_out: str | None = None, tokenizer: bool = True,
+                      upcycle: dict | None = None) -> dict:
+    """Write a moe-erc checkpoint of ``hf_dir`` under ``out`` (``out/step_0000000``); returns a summary.
+    ``upcycle`` (``num_experts``, ``topk``, ``expert_width``): a dense model made an MoE (:func:`upcycled`)."""
+    from moe_erc.config import Config
+    from moe_erc.model import gpt
+    from moe_erc.training import checkpoint, parallel
+
+    hf = read_hf_config(hf_dir)
+    raw = config_from_hf(hf, upcycle=upcycle)  # refuses before any weight is read
+    out_dir = Path(out)
+    has_tokenizer = tokenizer and (Path(hf_dir) / "tokenizer.json").is_file()
+    if has_tokenizer:  # beside config.yaml, as in a run directory (export finds it there)
+        raw["tokenizer"] = {"path": str(out_dir.resolve() / "tokenizer.json")}
+    cfg = Config.model_validate(raw)
+    if has_tokenizer:
+        from moe_erc.data.tokenizer import load_tokenizer
+
+        ids = load_tokenizer(Path(hf_dir) / "tokenizer.json").vocab_size
+        if ids > hf.vocab_size:
+            raise ImportError_(f"the tokenizer in {hf_dir} has {ids} ids but the model's vocab_size is "
+                               f"{hf.vocab_size}: its embedding cannot hold them")
+    hf_state = {k: v for k, v in load_hf_model(hf_dir).state_dict().items()}
+    padded = gpt.padded_vocab_size(hf.vocab_size, cfg)
+    source_cfg = cfg if upcycle is None else Config.model_validate(
+        {**raw, "model": {**raw["model"], "moe_layer_freq": [0] * hf.num_hidden_layers}})
+    weights = hf_to_megatron(source_cfg, hf_state, padded)
+    with staged_directory(out_dir) as staging:  # a failure half-way leaves nothing behind under --out
+        with parallel.one_process(cfg, "cpu"):
+            net = gpt.build_model(source_cfg, gpt.transformer_config(source_cfg), padded)
+            _load_exactly(net, weights, hf.model_type)
+            if upcycle is not None:
+                net = upcycled(cfg, net, padded)
+            checkpoint.save(staging, 0, [net], None, None, {"step": 0, "consumed_samples": 0}, with_optimizer=False,
+                            keep_last=1, describe={"config": cfg.to_dict(), "padded_vocab_size": padded,
+                                                   "imported_from": str(Path(hf_dir).resolve()),
+                                                   **({"upcycled": upcycle} if upcycle else {})})
+        if has_tokenizer:
+            for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+                if (Path(hf_dir) / name).is_file():
+                    shutil.copy2(Path(hf_dir) / name, staging / name)
+        import yaml
+
+        (staging / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    if config_out:
+        Path(config_out).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return {"architecture": type(hf).__name__.replace("Config", ""), "layers": hf.num_hidden_layers,
+            "experts": cfg.moe.num_experts, "vocab_size": hf.vocab_size, "padded_vocab_size": padded,
+            "checkpoint": str(out_dir / checkpoint.step_dir_name(0)), "config": config_out or str(out_dir / "config.yaml")}
+
+
+def _load_exactly(net, weights: dict, kind: str) -> None:
+    state = {k: v for k, v in net.state_dict().items() if "_extra_state" not in k}
+    missing, extra = sorted(set(state) - set(weights)), sorted(set(weights) - set(state))
+    if missing or extra:
+        raise ImportError_(f"weight mapping mismatch for {kind}: missing {missing[:4]}, unexpected {extra[:4]}")
+    net.load_state_dict({**state, **{k: v.to(state[k].dtype) for k, v in weights.items()}}, strict=True)
+
+
+def upcycled(cfg, dense_net, padded: int):
+    """The MoE model of ``cfg`` initialised from ``dense_net`` by megatron-core's upcycling
+    (``transformer/moe/upcycling_utils.py``, arXiv 2410.07524): every expert a copy of the dense MLP (granularity
+    g = dense width / expert width > 1: each copy split into g finer experts), routers as megatron initialises
+    them (N(0, init_method_std)) with each copy's g experts sharing one row, everything else copied. megatron scales
+    fine-grained experts' fc1 and fc2 by g^(1/3) (an activation-scale heuristic); when K is a multiple of g we
+    scale fc2 by g instead, which makes the MoE compute the dense model exactly (the K selected experts are whole
+    copies, each slice's renormalised gate is 1/g of its copy's). With g = 1 nothing is scaled: exact too."""
+    from megatron.core.transformer.moe.upcycling_utils import upcycle_state_dict
+
+    from moe_erc.model import gpt
+
+    moe_net = gpt.build_model(cfg, gpt.transformer_config(cfg), padded)
+    state = upcycle_state_dict([moe_net], [dense_net])["model"]
+    g = (cfg.model.ffn_hidden_size or 4 * cfg.model.hidden_size) // cfg.moe.moe_ffn_hidden_size
+    if g > 1 and cfg.moe.moe_router_topk % g == 0:
+        s = g ** (1 / 3)
+        for key in state:
+            if ".mlp.experts." in key and key.endswith("linear_fc1.weight"):
+                state[key] = state[key] / s
+            elif ".mlp.experts." in key and key.endswith("linear_fc2.weight"):
+                state[key] = state[key] * (g / s)
+    moe_net.load_state_dict(state, strict=True)
+    return moe_net
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="moe-erc import", description=__doc__.split("\n\n")[0])
+    parser.add_argument("hf_dir", help="a transformers model directory (config.json + safetensors)")
+    parser.add_argument("--out", required=True, help="the checkpoint directory to write (checkpoint.load= it)")
+    parser.add_argument("--config-out", default=None, help="also write the moe-erc YAML config here")
+    parser.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
+    parser.add_argument("--upcycle", action="store_true",
+                        help="a dense model (Llama, Mistral, Qwen2, Qwen3): every MLP becomes an MoE layer of copies")
+    parser.add_argument("--num-experts", type=int, default=None, help="with --upcycle: experts per layer")
+    parser.add_argument("--topk", type=int, default=None, help="with --upcycle: experts per token")
+    parser.add_argument("--expert-width", type=int, default=None,
+                        help="with --upcycle: each expert's width (default: the dense width; smaller = finer experts)")
+    args = parser.parse_args(argv)
+    upcycle = None
+    if args.upcycle:
+        if not args.num_experts or not args.topk or args.topk > args.num_experts:
+            raise UserError("--upcycle needs --num-experts N and --topk K with 1 <= K <= N")
+        upcycle = {"num_experts": args.num_experts, "topk": args.topk, "expert_width": args.expert_width}
+    elif args.num_experts or args.topk or args.expert_width:
+        raise UserError("--num-experts / --topk / --expert-width apply to --upcycle only")
+    check_output_dir(args.out, must_be_empty=True, force=args.force)
+    if args.config_out and Path(args.config_out).exists() and not args.force:
+        raise UserError(f"--config-out {args.config_out} exists; choose another path or pass --force")
+    summary = import_checkpoint(args.hf_dir, args.out, args.config_out, upcycle=upcycle)
+    print(f"import: {summary['architecture']} ({summary['layers']} layers, {summary['experts']} experts, vocab "
+          f"{summary['vocab_size']}) -> {summary['checkpoint']}; config {summary['config']}")
+    print(json.dumps(summary))
+    return 0

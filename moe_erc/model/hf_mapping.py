@@ -1,0 +1,144 @@
+"""megatron GPTModel <-> transformers weight names: one table that ``moe-erc export`` reads one way and
+``moe-erc import`` the other (docs/export.md, docs/import.md).
+
+Most tensors are renamed one to one (:func:`renames`); three are fused in megatron and split in transformers:
+
+* QKV: megatron's ``linear_qkv`` holds, per query group, ``[q heads of the group; k; v]`` (``head_dim`` rows
+  each); transformers has ``q_proj`` / ``k_proj`` / ``v_proj``.
+* a dense MLP's ``linear_fc1`` is ``[gate; up]``: ``gate_proj`` and ``up_proj``.
+* routed experts: transformers' MoE classes stack them (``experts.gate_up_proj [n, 2D, d]``, ``experts.down_proj
+  [n, d, D]``, gate rows first as in megatron); megatron holds them stacked (``GroupedExperts``), one module per
+  expert (``SequentialMLP``) or as transformer-engine's ``weight0 .. weight{n-1}``.
+
+The vocabulary rows are cut to the real vocabulary on export and zero-padded to megatron's padded size on import.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from moe_erc.config import Config
+from moe_erc.errors import UserError
+
+
+class MappingError(UserError):
+    """A state dict lacks a tensor the mapping needs."""
+
+
+def layer_kinds(cfg: Config) -> list[bool]:
+    """``True`` for each MoE layer (megatron's ``moe_layer_freq``: an int k = every k-th layer, or 0/1 list)."""
+    freq = cfg.model.moe_layer_freq
+    if isinstance(freq, list):
+        return [bool(f) for f in freq]
+    return [i % freq == 0 for i in range(cfg.model.num_layers)]
+
+
+def renames(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
+    """``((megatron name, alternatives...), transformers name)`` of every tensor copied as it is.
+
+    The alternatives are the names transformer-engine's layer spec gives the same tensor (norms fused into the
+    next linear); export takes whichever the checkpoint has, import writes the first (the local spec's).
+    """
+    table = [(("decoder.final_layernorm.weight",), "model.norm.weight")]
+    for i, is_moe in enumerate(layer_kinds(cfg)):
+        src, dst = f"decoder.layers.{i}", f"model.layers.{i}"
+        table += [
+            ((f"{src}.self_attention.linear_proj.weight",), f"{dst}.self_attn.o_proj.weight"),
+            ((f"{src}.input_layernorm.weight", f"{src}.self_attention.linear_qkv.layer_norm_weight"),
+             f"{dst}.input_layernorm.weight"),
+            ((f"{src}.pre_mlp_layernorm.weight", f"{src}.mlp.linear_fc1.layer_norm_weight"),
+             f"{dst}.post_attention_layernorm.weight"),
+        ]
+        if cfg.model.qk_layernorm:  # per-head RMSNorm on Q and K (Qwen3-MoE's q_norm / k_norm over head_dim)
+            table += [((f"{src}.self_attention.q_layernorm.weight",), f"{dst}.self_attn.q_norm.weight"),
+                      ((f"{src}.self_attention.k_layernorm.weight",), f"{dst}.self_attn.k_norm.weight")]
+        if is_moe:
+            table.append(((f"{src}.mlp.router.weight",), f"{dst}.mlp.gate.weight"))
+            if cfg.moe.moe_router_enable_expert_bias:  # aux-loss-free balancing = GLM-4-MoE's correction bias
+                table.append(((f"{src}.mlp.router.expert_bias",), f"{dst}.mlp.gate.e_score_correction_bias"))
+        else:
+            table.append(((f"{src}.mlp.linear_fc2.weight",), f"{dst}.mlp.down_proj.weight"))
+    return table
+
+
+def _attention_shape(cfg: Config) -> tuple[int, int, int, int]:
+    m = cfg.model
+    heads = m.num_attention_heads
+    return heads, m.num_query_groups or heads, m.hidden_size // heads, m.hidden_size
+
+
+def _first(state: dict, names: tuple[str, ...]) -> torch.Tensor:
+    for name in names:
+        if name in state:
+            return state[name]
+    raise MappingError(f"checkpoint has none of {', '.join(names)}")
+
+
+def _experts(state: dict, prefix: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, 2D, d]`` gate/up and ``[n, d, D]`` down of one layer, from any of megatron's expert modules."""
+    if f"{prefix}.weight1" in state:  # GroupedExperts: already stacked, [gate; up] per expert
+        return state[f"{prefix}.weight1"], state[f"{prefix}.weight2"]
+    if f"{prefix}.local_experts.0.linear_fc1.weight" in state:  # SequentialMLP
+        fc1 = [state[f"{prefix}.local_experts.{e}.linear_fc1.weight"] for e in range(n)]
+        fc2 = [state[f"{prefix}.local_experts.{e}.linear_fc2.weight"] for e in range(n)]
+    else:  # transformer-engine's grouped linears: weight0 .. weight{n-1}
+        fc1 = [state[f"{prefix}.linear_fc1.weight{e}"] for e in range(n)]
+        fc2 = [state[f"{prefix}.linear_fc2.weight{e}"] for e in range(n)]
+    return torch.stack(fc1), torch.stack(fc2)
+
+
+def megatron_to_hf(cfg: Config, state: dict, vocab_size: int) -> dict[str, torch.Tensor]:
+    """megatron GPTModel state (one process, any expert module) -> transformers state (in-memory names), the
+    vocabulary cut to ``vocab_size`` rows. Tensors a transformers class adds on its own (e.g. an always-built
+    shared expert) are the caller's."""
+    heads, groups, hd, d = _attention_shape(cfg)
+    out = {hf: _first(state, names) for names, hf in renames(cfg)}
+    out["model.embed_tokens.weight"] = state["embedding.word_embeddings.weight"][:vocab_size]
+    if cfg.model.untie_embeddings_and_output_weights:
+        out["lm_head.weight"] = state["output_layer.weight"][:vocab_size]
+    for i, is_moe in enumerate(layer_kinds(cfg)):
+        src, dst = f"decoder.layers.{i}", f"model.layers.{i}"
+        qkv = state[f"{src}.self_attention.linear_qkv.weight"].view(groups, heads // groups + 2, hd, d)
+        out[f"{dst}.self_attn.q_proj.weight"] = qkv[:, : heads // groups].reshape(heads * hd, d)
+        out[f"{dst}.self_attn.k_proj.weight"] = qkv[:, -2].reshape(groups * hd, d)
+        out[f"{dst}.self_attn.v_proj.weight"] = qkv[:, -1].reshape(groups * hd, d)
+        if is_moe:
+            gate_up, down = _experts(state, f"{src}.mlp.experts", cfg.moe.num_experts)
+            out[f"{dst}.mlp.experts.gate_up_proj"], out[f"{dst}.mlp.experts.down_proj"] = gate_up, down
+        else:
+            gate, up = state[f"{src}.mlp.linear_fc1.weight"].chunk(2, dim=0)
+            out[f"{dst}.mlp.gate_proj.weight"], out[f"{dst}.mlp.up_proj.weight"] = gate, up
+    return out
+
+
+def hf_to_megatron(cfg: Config, hf_state: dict, padded_vocab: int) -> dict[str, torch.Tensor]:
+    """transformers in-memory state (``model.state_dict()``) -> megatron GPTModel state of ``cfg`` (one process,
+    the local spec's names, the expert module ``moe.moe_grouped_gemm`` picks); the vocabulary zero-padded to
+    ``padded_vocab`` rows. The inverse of :func:`megatron_to_hf`."""
+    heads, groups, hd, d = _attention_shape(cfg)
+
+    def vocab(t):
+        return torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], t.shape[1])]) if t.shape[0] < padded_vocab else t
+
+    out = {names[0]: hf_state[hf] for names, hf in renames(cfg)}
+    out["embedding.word_embeddings.weight"] = vocab(hf_state["model.embed_tokens.weight"])
+    if cfg.model.untie_embeddings_and_output_weights:
+        out["output_layer.weight"] = vocab(hf_state["lm_head.weight"])
+    for i, is_moe in enumerate(layer_kinds(cfg)):
+        src, dst = f"model.layers.{i}", f"decoder.layers.{i}"
+        q = hf_state[f"{src}.self_attn.q_proj.weight"].view(groups, heads // groups, hd, d)
+        k = hf_state[f"{src}.self_attn.k_proj.weight"].view(groups, 1, hd, d)
+        v = hf_state[f"{src}.self_attn.v_proj.weight"].view(groups, 1, hd, d)
+        out[f"{dst}.self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, d)
+        if is_moe:
+            gate_up, down = hf_state[f"{src}.mlp.experts.gate_up_proj"], hf_state[f"{src}.mlp.experts.down_proj"]
+            if cfg.moe.moe_grouped_gemm:
+                out[f"{dst}.mlp.experts.weight1"], out[f"{dst}.mlp.experts.weight2"] = gate_up, down
+            else:
+                for e in range(cfg.moe.num_experts):
+                    out[f"{dst}.mlp.experts.local_experts.{e}.linear_fc1.weight"] = gate_up[e]
+                    out[f"{dst}.mlp.experts.local_experts.{e}.linear_fc2.weight"] = down[e]
+        else:
+            gate, up = hf_state[f"{src}.mlp.gate_proj.weight"], hf_state[f"{src}.mlp.up_proj.weight"]
+            out[f"{dst}.mlp.linear_fc1.weight"] = torch.cat([gate, up])
+    return out
