@@ -1,4 +1,4 @@
-"""AoE experts differ between expert-parallel ranks on a GPU (tests/model/aoe_ranks.py explains the check).
+"""AoE experts differ between expert-parallel ranks on a GPU (tests/aoe_ranks.py explains the check).
 
 Before the fix the weights were made on the CPU while the RNG tracker forked the CUDA generator, so every
 EP rank drew the same experts. One GPU suffices: rank 0's and rank 1's initialisation run in one process.
