@@ -50,8 +50,43 @@ class ModelConfig(_Group):
     # Vocabulary for `moe-erc plan` (which reads no tokenizer). Training takes the tokenizer's size and
     # refuses a tokenizer larger than this when it is set.
     vocab_size: Optional[int] = None
-    # 1 = every layer is MoE; k = every k-th layer; a list of 0/1 per layer (Megatron-LM semantics).
+    # 1 = every layer is MoE; k = every k-th layer; a list of 0/1 per layer (Megatron-LM semantics). Dense first
+    # k layers (DeepSeek's first_k_dense_replace) are a list: [0, 1, 1, ...].
     moe_layer_freq: Union[int, list[int]] = 1
+    # ---- architecture features of today's open MoE models (megatron-core's names; docs/architectures.md)
+    kv_channels: Optional[int] = None  # head dimension; default hidden_size / num_attention_heads
+    add_qkv_bias: bool = False  # biases on Q, K and V only (Qwen2-MoE, GLM-4.5); add_bias_linear: on every linear
+    rotary_percent: float = 1.0  # fraction of each head's dimensions RoPE rotates (GLM-4.5: 0.5)
+    # Multi-latent attention (DeepSeek-V2/V3): Q (unless q_lora_rank is null) and KV go through low-rank
+    # projections; a head has qk_head_dim + qk_pos_emb_head_dim (its RoPE part) for Q and K, v_head_dim for V.
+    multi_latent_attention: bool = False
+    q_lora_rank: Optional[int] = None  # null: Q is not compressed (DeepSeek-V2-Lite, Moonlight)
+    kv_lora_rank: int = 512
+    qk_head_dim: int = 128
+    qk_pos_emb_head_dim: int = 64
+    v_head_dim: int = 128
+    # MLA's RoPE scaling (megatron's MLATransformerConfig): rope (none) or yarn with these settings.
+    rope_type: Literal["rope", "yarn"] = "rope"
+    rotary_scaling_factor: float = 1.0
+    original_max_position_embeddings: Optional[int] = None  # yarn: the pre-training context; default seq_length
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+    # Sliding-window attention: [left, right] tokens each query sees (causal: [W, 0]). window_attn_skip_freq:
+    # which layers keep full attention: every N-th layer (gpt-oss alternates: 2), or a 0/1 list (1 = full).
+    window_size: Optional[list[int]] = None
+    window_attn_skip_freq: Optional[Union[int, list[int]]] = None
+    # Attention sinks: the vanilla softmax, off-by-one (an extra zero logit), learnable (a logit per head: gpt-oss).
+    softmax_type: Literal["vanilla", "off-by-one", "learnable"] = "vanilla"
+    # The MLP's activation: null = silu with swiglu (SwiGLU), gelu without; quick_gelu = x * sigmoid(1.702 x)
+    # (gpt-oss's GLU, with activation_func_clamp_value 7 and glu_linear_offset 1).
+    activation: Optional[Literal["silu", "gelu", "quick_gelu"]] = None
+    activation_func_clamp_value: Optional[float] = None  # GLU: gate clamped above, linear part to +-value
+    glu_linear_offset: float = 0.0  # GLU: act(gate) * (linear + offset)
+    # Multi-token prediction (DeepSeek-V3): extra layers predicting token t+1+k, their loss scaled by this factor.
+    mtp_num_layers: Optional[int] = None
+    mtp_loss_scaling_factor: float = 0.1
 
 
 class MoEConfig(_Group):
@@ -74,6 +109,16 @@ class MoEConfig(_Group):
     moe_grouped_gemm: bool = False
     moe_expert_capacity_factor: Optional[float] = None
     moe_router_dtype: Optional[Literal["fp32", "fp64"]] = "fp32"
+    # Shared experts (DeepSeek, Qwen2-MoE, GLM-4.5): one always-on MLP of this width (all shared experts together)
+    # beside the routed ones; a sigmoid gate on its output (Qwen2-MoE); overlap with the dispatch (alltoall).
+    moe_shared_expert_intermediate_size: Optional[int] = None
+    moe_shared_expert_gate: bool = False
+    moe_shared_expert_overlap: bool = False
+    # Group-limited routing (DeepSeek-V3): experts in num_groups groups, each token's top-K drawn from the
+    # group_topk groups with the largest scores; the gates of the K experts scaled by topk_scaling_factor.
+    moe_router_num_groups: Optional[int] = None
+    moe_router_group_topk: Optional[int] = None
+    moe_router_topk_scaling_factor: Optional[float] = None
     # Autonomy-of-Experts (router: aoe): rank r of each expert's factorised gate (default hidden/3) and the
     # expert width D' (default: chosen so total parameters match the router + expert MoE).
     aoe_rank: Optional[int] = None
@@ -314,9 +359,9 @@ def _value_problems(cfg: Config):
         yield f"training.eval_iters={t.eval_iters} must be >= 0"
     if moe.moe_router_topk > moe.num_experts:
         yield f"moe.moe_router_topk={moe.moe_router_topk} exceeds moe.num_experts={moe.num_experts}"
-    if m.hidden_size % m.num_attention_heads:
+    if m.hidden_size % m.num_attention_heads and m.kv_channels is None and not m.multi_latent_attention:
         yield (f"model.hidden_size={m.hidden_size} is not divisible by "
-               f"model.num_attention_heads={m.num_attention_heads}")
+               f"model.num_attention_heads={m.num_attention_heads} (or set the head size, model.kv_channels)")
     if m.num_query_groups is not None and m.num_attention_heads % m.num_query_groups:
         yield (f"model.num_attention_heads={m.num_attention_heads} is not divisible by "
                f"model.num_query_groups={m.num_query_groups}")
@@ -368,10 +413,12 @@ def _value_problems(cfg: Config):
     yield from _param_class_problems(cfg)
     if o.lr_decay_iters is not None and o.lr_decay_iters < 1:
         yield f"optimizer.lr_decay_iters={o.lr_decay_iters} must be >= 1 (or unset: training.train_iters)"
-    head_dim = m.hidden_size // m.num_attention_heads if m.hidden_size % m.num_attention_heads == 0 else 0
-    if m.position_embedding_type == "rope" and head_dim % 2:
-        yield (f"model.position_embedding_type=rope needs an even head dimension, but model.hidden_size="
-               f"{m.hidden_size} / model.num_attention_heads={m.num_attention_heads} = {head_dim}; change either")
+    head_dim = m.kv_channels or (m.hidden_size // m.num_attention_heads if m.hidden_size % m.num_attention_heads == 0
+                                 else 0)
+    if m.position_embedding_type == "rope" and not m.multi_latent_attention and int(head_dim * m.rotary_percent) % 2:
+        yield (f"model.position_embedding_type=rope needs an even number of rotated dimensions per head, but the "
+               f"head size {head_dim} (model.kv_channels, or hidden_size / num_attention_heads) x "
+               f"model.rotary_percent={m.rotary_percent} is {head_dim * m.rotary_percent:g}; change either")
     if m.norm_epsilon <= 0:
         yield f"model.norm_epsilon={m.norm_epsilon} must be > 0"
     if not 0.0 <= m.hidden_dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
@@ -387,6 +434,83 @@ def _value_problems(cfg: Config):
     sizes = [int(s) for s in cfg.data.split.replace("/", ",").split(",") if s.strip().isdigit()]
     if len(sizes) != len(cfg.data.split.replace("/", ",").split(",")) or not sizes or sum(sizes) <= 0:
         yield f"data.split='{cfg.data.split}' must be comma-separated non-negative weights, e.g. '969,30,1'"
+    yield from _architecture_problems(cfg)
+
+
+def _architecture_problems(cfg: Config):
+    """The architecture features (attention variants, shared experts, group routing, MTP): values and the
+    combinations megatron-core or a routing method cannot build, one line each."""
+    m, moe = cfg.model, cfg.moe
+    for key in ("kv_channels", "q_lora_rank", "mtp_num_layers", "original_max_position_embeddings"):
+        if getattr(m, key) is not None and getattr(m, key) < 1:
+            yield f"model.{key}={getattr(m, key)} must be >= 1 (or null)"
+    if not 0.0 < m.rotary_percent <= 1.0:
+        yield f"model.rotary_percent={m.rotary_percent} must be in (0, 1] (the fraction of a head RoPE rotates)"
+    if m.multi_latent_attention:
+        for key in ("kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"):
+            if getattr(m, key) < 1:
+                yield f"model.{key}={getattr(m, key)} must be >= 1"
+        if m.position_embedding_type != "rope" or m.qk_pos_emb_head_dim % 2:
+            yield ("model.multi_latent_attention=true needs model.position_embedding_type=rope and an even "
+                   f"model.qk_pos_emb_head_dim (got {m.position_embedding_type}, {m.qk_pos_emb_head_dim})")
+        if m.add_qkv_bias or m.kv_channels is not None or m.num_query_groups not in (None, m.num_attention_heads):
+            yield ("model.multi_latent_attention=true has its own projections and head sizes: model.add_qkv_bias, "
+                   "model.kv_channels and model.num_query_groups do not apply (remove them)")
+    elif m.rope_type != "rope":
+        yield f"model.rope_type={m.rope_type} applies to multi-latent attention only (model.multi_latent_attention=true)"
+    if m.rotary_scaling_factor <= 0:
+        yield f"model.rotary_scaling_factor={m.rotary_scaling_factor} must be > 0"
+    if m.window_size is not None and (len(m.window_size) != 2 or m.window_size[0] < 0 or m.window_size[1] < -1):
+        yield f"model.window_size={m.window_size} must be [left, right] tokens, e.g. [127, 0] (causal)"
+    skip = m.window_attn_skip_freq
+    if skip is not None and m.window_size is None:
+        yield "model.window_attn_skip_freq needs model.window_size (the window the other layers use)"
+    if isinstance(skip, list) and (len(skip) != m.num_layers or set(skip) - {0, 1}):
+        yield f"model.window_attn_skip_freq as a list needs one 0/1 per layer ({m.num_layers} entries), got {skip}"
+    elif isinstance(skip, int) and skip < 1:
+        yield f"model.window_attn_skip_freq={skip} must be >= 1 (every N-th layer has full attention)"
+    if m.multi_latent_attention and m.attention_backend == "local":
+        yield ("model.attention_backend=local cannot run multi-latent attention (megatron's unfused attention takes "
+               "one head size for Q, K and V); use auto or sdpa")
+    if m.multi_latent_attention and (m.window_size is not None or m.softmax_type != "vanilla"):
+        yield "model.multi_latent_attention=true with sliding windows or attention sinks is not built (no model has both)"
+    if m.attention_backend == "sdpa" and (m.window_size is not None or m.softmax_type != "vanilla"):
+        yield ("model.attention_backend=sdpa cannot express sliding windows or attention sinks here; use auto "
+               "(megatron's attention for those layers' models) or local")
+    glu_options = m.activation_func_clamp_value is not None or m.glu_linear_offset != 0.0
+    if glu_options and not m.swiglu:
+        yield "model.activation_func_clamp_value / glu_linear_offset shape a gated MLP: they need model.swiglu=true"
+    if m.activation_func_clamp_value is not None and m.activation_func_clamp_value <= 0:
+        yield f"model.activation_func_clamp_value={m.activation_func_clamp_value} must be > 0"
+    if m.mtp_loss_scaling_factor < 0:
+        yield f"model.mtp_loss_scaling_factor={m.mtp_loss_scaling_factor} must be >= 0"
+    shared = moe.moe_shared_expert_intermediate_size
+    if shared is not None and shared < 1:
+        yield f"moe.moe_shared_expert_intermediate_size={shared} must be >= 1 (or null: no shared expert)"
+    if shared is None and (moe.moe_shared_expert_gate or moe.moe_shared_expert_overlap):
+        yield "moe.moe_shared_expert_gate / moe_shared_expert_overlap need moe.moe_shared_expert_intermediate_size"
+    if moe.moe_shared_expert_overlap and moe.moe_token_dispatcher_type != "alltoall":
+        yield "moe.moe_shared_expert_overlap=true needs moe.moe_token_dispatcher_type=alltoall"
+    groups, group_topk = moe.moe_router_num_groups, moe.moe_router_group_topk
+    if (groups is None) != (group_topk is None):
+        yield "group-limited routing needs both moe.moe_router_num_groups and moe.moe_router_group_topk"
+    elif groups is not None:
+        if groups < 1 or moe.num_experts % groups:
+            yield f"moe.moe_router_num_groups={groups} must divide moe.num_experts={moe.num_experts}"
+        elif not 1 <= group_topk <= groups or moe.moe_router_topk % group_topk:
+            yield (f"moe.moe_router_group_topk={group_topk} must be in 1..moe_router_num_groups={groups} and divide "
+                   f"moe.moe_router_topk={moe.moe_router_topk}")
+        elif moe.moe_router_topk // group_topk > moe.num_experts // groups:
+            yield (f"moe.moe_router_topk={moe.moe_router_topk} over {group_topk} groups takes more experts per group "
+                   f"than a group has ({moe.num_experts // groups})")
+    scaling = moe.moe_router_topk_scaling_factor
+    if scaling is not None and scaling <= 0:
+        yield f"moe.moe_router_topk_scaling_factor={scaling} must be > 0"
+    if moe.router != "topk" and (groups is not None or scaling is not None):
+        yield (f"moe.router={moe.router} chooses its experts itself: group-limited routing and "
+               f"moe.moe_router_topk_scaling_factor apply to moe.router=topk")
+    if moe.router == "aoe" and (m.activation not in (None, "silu") or glu_options or not m.swiglu):
+        yield "moe.router=aoe's experts are SwiGLU: model.activation, clamp and offset options do not apply"
 
 
 def param_class_settings(cfg: Config) -> tuple[dict[str, str], dict[str, float], dict[str, float]]:
@@ -419,6 +543,12 @@ def _param_class_problems(cfg: Config):
         elif wd > 0 and o.weight_decay == 0:
             yield (f"optimizer.param_weight_decay.{cls}={wd} needs optimizer.weight_decay > 0 (per-class decay is "
                    f"megatron's multiple of it)")
+
+
+def layer_rows(cfg: Config) -> int:
+    """Rows of the per-layer tables (metrics, instruments): the decoder's layers, then the multi-token-prediction
+    layers (megatron numbers those apart; moe_erc.model.layers.erc_layer.layer_slot)."""
+    return cfg.model.num_layers + (cfg.model.mtp_num_layers or 0)
 
 
 def router_pre_softmax(cfg: "Config") -> bool:

@@ -112,7 +112,7 @@ CASES = {
     "adam beta": (T("optimizer.adam_beta2=1.2"), "adam_beta2=1.2 must be in [0, 1)"),
     "weight decay": (T("optimizer.weight_decay=-0.1"), "weight_decay=-0.1 must be >= 0"),
     "lr decay iters": (T("optimizer.lr_decay_iters=-5"), "lr_decay_iters=-5 must be >= 1"),
-    "odd head dim": (T("model.hidden_size=30", "model.num_attention_heads=2"), "needs an even head dimension"),
+    "odd head dim": (T("model.hidden_size=30", "model.num_attention_heads=2"), "needs an even number of rotated"),
     # -- layout (checked before any process group starts)
     "ep needs processes": (T("parallel.expert_model_parallel_size=2"), "must divide world_size/pipeline"),
     "experts by ep": (T("parallel.expert_model_parallel_size=3"), "moe.num_experts=4 is not divisible by"),

@@ -47,7 +47,7 @@ def _has_router_matrix(cfg: Config) -> None:
 
 def analyze(path: str, alphas: list[float]) -> dict:
     """Load the checkpoint in this process and return ``{"step", "layers": {layer: report}}``."""
-    from moe_erc.model.layers.erc_layer import gate_weights
+    from moe_erc.model.layers.erc_layer import gate_weights, layer_slot
 
     with checkpoint.one_process_model(path, check=_has_router_matrix) as (_cfg, net, meta):
         layers = {}
@@ -55,7 +55,7 @@ def analyze(path: str, alphas: list[float]) -> dict:
             router, experts = getattr(module, "router", None), getattr(module, "experts", None)
             if router is not None and experts is not None and isinstance(getattr(router, "weight", None), torch.Tensor):
                 gate = gate_weights(experts, net.config.gated_linear_unit)
-                layers[router.layer_number] = layer_report(router.weight, gate, alphas)
+                layers[layer_slot(router)] = layer_report(router.weight, gate, alphas)
         return {"checkpoint": meta["step_dir"], "step": meta.get("step"), "layers": dict(sorted(layers.items()))}
 
 

@@ -233,7 +233,7 @@ TORCH_ON_CPU = _TorchOnCpu()
 # module -> why it needs the CPU view of torch (megatron-core 0.19.2 call sites). Only modules whose CUDA
 # calls moe-erc's code paths reach are listed (traced over the test suite, a checkpointing run and a PP=2
 # run); modules whose CUDA calls sit behind features moe-erc does not use on CPU (distributed optimizer,
-# fully-parallel checkpointing, MTP, delayed expert wgrad, inference buffers) are left alone.
+# fully-parallel checkpointing, delayed expert wgrad, inference buffers) are left alone.
 MODULES_SEEING_CPU_TORCH: dict[str, str] = {
     "megatron.core.utils": "GlobalMemoryBuffer and local multi-tensor l2 norm allocate on "
                            "torch.cuda.current_device() / device='cuda'",
@@ -244,7 +244,10 @@ MODULES_SEEING_CPU_TORCH: dict[str, str] = {
     "megatron.core.tensor_parallel.random": "RNG tracker seeds and reads CUDA generator states (manual_seed, "
                                             "get_rng_state)",
     "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq moved to current_device()",
+    "megatron.core.models.common.embeddings.yarn_rotary_pos_embedding": "MLA's yarn inv_freq on current_device()",
     "megatron.core.transformer.utils": "get_default_causal_mask builds on device='cuda'",
+    "megatron.core.transformer.dot_product_attention": "attention-sink logits (softmax_offset) on current_device()",
+    "megatron.core.transformer.multi_token_prediction": "MTP loss tracker on current_device()",
     "megatron.core.transformer.moe.router": "expert-bias / token-count buffers on current_device()",
     "megatron.core.transformer.moe.token_dispatcher": "alltoall dispatcher's device-to-host side stream",
     "megatron.core.distributed.param_and_grad_buffer": "param/grad buffers on current_device(), streams",

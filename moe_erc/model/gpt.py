@@ -17,13 +17,14 @@ from moe_erc.model.layers import routers
 from moe_erc.model.layers.dispatch import use_device_counts
 from moe_erc.model.layers.kernels import Kernels
 from moe_erc.model.layers.kernels import detect as detect_kernels
-from moe_erc.model.layers.spec import decoder_block_spec
+from moe_erc.model.layers.spec import decoder_block_spec, mtp_block_spec
 from moe_erc.model.layers.sync_free import install as install_sync_free
 
 import_megatron()
 from megatron.core import parallel_state  # noqa: E402
+from megatron.core.activations import quick_gelu  # noqa: E402
 from megatron.core.models.gpt import GPTModel  # noqa: E402
-from megatron.core.transformer import TransformerConfig  # noqa: E402
+from megatron.core.transformer import MLATransformerConfig, TransformerConfig  # noqa: E402
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -61,9 +62,41 @@ def transformer_config(cfg: Config, precision: str = "fp32", kernels: Kernels | 
         raise ConfigError(f"megatron-core rejected the model configuration: {first_line}") from None
 
 
+_ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "quick_gelu": quick_gelu}
+
+
+def _architecture_fields(cfg: Config) -> dict:
+    """The TransformerConfig fields of the architecture features (attention variants, shared experts, group
+    routing, MTP), and MLATransformerConfig's with multi-latent attention."""
+    m, moe = cfg.model, cfg.moe
+    activation = m.activation or ("silu" if m.swiglu else "gelu")
+    fields = dict(
+        kv_channels=m.kv_channels, add_qkv_bias=m.add_qkv_bias, activation_func=_ACTIVATIONS[activation],
+        activation_func_clamp_value=m.activation_func_clamp_value, glu_linear_offset=m.glu_linear_offset,
+        window_size=tuple(m.window_size) if m.window_size is not None else None,
+        window_attn_skip_freq=m.window_attn_skip_freq, softmax_type=m.softmax_type,
+        mtp_num_layers=m.mtp_num_layers, mtp_loss_scaling_factor=m.mtp_loss_scaling_factor,
+        moe_shared_expert_intermediate_size=moe.moe_shared_expert_intermediate_size,
+        moe_shared_expert_gate=moe.moe_shared_expert_gate, moe_shared_expert_overlap=moe.moe_shared_expert_overlap,
+        moe_router_num_groups=moe.moe_router_num_groups, moe_router_group_topk=moe.moe_router_group_topk,
+        moe_router_topk_scaling_factor=moe.moe_router_topk_scaling_factor,
+    )
+    if m.multi_latent_attention:
+        fields.update(
+            multi_latent_attention=True, q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank,
+            qk_head_dim=m.qk_head_dim, qk_pos_emb_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim,
+            rope_type=m.rope_type, rotary_base=m.rotary_base, rotary_percent=m.rotary_percent,
+            rotary_scaling_factor=m.rotary_scaling_factor,
+            original_max_position_embeddings=m.original_max_position_embeddings or m.seq_length,
+            beta_fast=m.beta_fast, beta_slow=m.beta_slow, mscale=m.mscale, mscale_all_dim=m.mscale_all_dim)
+    return fields
+
+
 def _megatron_transformer_config(cfg: Config, precision: str, tp: int, kernels: Kernels, ffn: int):
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
-    return TransformerConfig(
+    config_class = MLATransformerConfig if m.multi_latent_attention else TransformerConfig
+    return config_class(
+        **_architecture_fields(cfg),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads,
@@ -74,7 +107,6 @@ def _megatron_transformer_config(cfg: Config, precision: str, tp: int, kernels: 
         normalization=m.normalization,
         layernorm_epsilon=m.norm_epsilon,
         gated_linear_unit=m.swiglu,
-        activation_func=F.silu if m.swiglu else F.gelu,
         add_bias_linear=m.add_bias_linear,
         qk_layernorm=m.qk_layernorm,
         init_method_std=m.init_method_std,
@@ -135,8 +167,10 @@ def build_model(cfg: Config, tf_config: TransformerConfig, vocab_size: int) -> G
         pre_process=pp_rank == 0,
         post_process=pp_rank == pp_size - 1,
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
-        position_embedding_type=cfg.model.position_embedding_type,
+        position_embedding_type=cfg.model.position_embedding_type,  # MLA applies its own RoPE (rope_type)
         rotary_base=cfg.model.rotary_base,
+        rotary_percent=cfg.model.rotary_percent,
+        mtp_block_spec=mtp_block_spec(cfg, tf_config, block_spec),
     )
     routers.wire(model)
     use_device_counts(model)  # token counts stay on the device for experts that take them

@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from moe_erc.compat import comm_device, import_megatron
+from moe_erc.model.layers.erc_layer import gate_weights, layer_slot
 
 import_megatron()
 from megatron.core import parallel_state  # noqa: E402
@@ -46,7 +47,7 @@ def _routers(model_chunks):
         for module in chunk.modules():
             router = getattr(module, "router", None)
             if router is not None and getattr(module, "experts", None) is not None and router.layer_number:
-                yield router.layer_number, module
+                yield layer_slot(router), module
 
 
 def _token_group():
@@ -149,8 +150,6 @@ def _local_gate_squares(experts, hidden: torch.Tensor, gated: bool) -> Optional[
     share of its gate rows (summed over expert-TP by the caller); None for unknown expert layouts."""
     if hasattr(experts, "gate_activation_norms"):  # AoE: (x Wdown_j) Wup_j, never split over expert-TP
         return experts.gate_activation_norms(hidden).double() ** 2
-    from moe_erc.model.layers.erc_layer import gate_weights
-
     try:
         weights = gate_weights(experts, gated)
     except NotImplementedError:

@@ -17,13 +17,14 @@ import torch
 import torch.distributed as dist
 
 from moe_erc.compat import import_megatron
-from moe_erc.config import Config
+from moe_erc.config import Config, layer_rows
 from moe_erc.model.layers.erc_layer import erc_layer_stats, router_matrix_stats
 from moe_erc.training.instruments import layer_summaries
 
 import_megatron()
 from megatron.core import parallel_state  # noqa: E402
 from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker  # noqa: E402
+from megatron.core.transformer.multi_token_prediction import MTPLossLoggingHelper  # noqa: E402
 
 
 def moe_layer_metrics(loss_scale: float) -> dict[str, list[float]]:
@@ -54,7 +55,27 @@ def moe_layer_metrics(loss_scale: float) -> dict[str, list[float]]:
 
 
 def clear_moe_layer_metrics() -> None:
+    """Drop what megatron's MoE layers and multi-token-prediction layers recorded since the last read."""
     get_moe_metrics_tracker().clear()
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+
+
+def mtp_metrics(loss_scale: float) -> dict:
+    """``mtp_loss`` (mean over MTP layers of their cross-entropy, before ``model.mtp_loss_scaling_factor``) and
+    ``mtp_loss_per_layer`` of this step, from megatron's MTP tracker, averaged over DP with sums (gloo has no AVG);
+    ``loss_scale``: 1 / micro-batches. Collective over the ranks that hold the MTP layers; clears the tracker."""
+    tracker = MTPLossLoggingHelper.tracker
+    if "loss_values" not in tracker:
+        return {}
+    values = tracker["loss_values"].detach().clone().double()
+    if tracker.get("reduce_group") is not None:
+        dist.all_reduce(values, group=tracker["reduce_group"])
+    if tracker.get("avg_group") is not None:
+        dist.all_reduce(values, group=tracker["avg_group"])
+        values /= dist.get_world_size(tracker["avg_group"])
+    MTPLossLoggingHelper.clean_metrics_in_tracker()
+    per_layer = (values * loss_scale).tolist()
+    return {"mtp_loss": sum(per_layer) / len(per_layer), "mtp_loss_per_layer": per_layer}
 
 
 def layer_means(stats: dict[str, list[float]]) -> dict:
@@ -71,13 +92,13 @@ def layer_means(stats: dict[str, list[float]]) -> dict:
 
 def erc_scalars(model_chunks, cfg: Config) -> dict:
     """The ERC statistics of every MoE layer (loss, eps, margin), as :func:`layer_means`. Collective."""
-    return layer_means(erc_layer_stats(model_chunks, cfg.model.num_layers))
+    return layer_means(erc_layer_stats(model_chunks, layer_rows(cfg)))
 
 
 def router_scalars(model_chunks, cfg: Config, posthoc_alpha: Optional[float] = None) -> dict:
     """eps of the router rows for every method with a router matrix, and with ``posthoc_alpha`` the ERC loss at
     that alpha on clean rows, as :func:`layer_means`. Collective."""
-    return layer_means(router_matrix_stats(model_chunks, cfg.model.num_layers, posthoc_alpha=posthoc_alpha))
+    return layer_means(router_matrix_stats(model_chunks, layer_rows(cfg), posthoc_alpha=posthoc_alpha))
 
 
 def train_record(scalars: dict, model_chunks, cfg: Config, monitor, num_microbatches: int) -> dict:
@@ -87,6 +108,7 @@ def train_record(scalars: dict, model_chunks, cfg: Config, monitor, num_microbat
     scalars["grad_norm"] = float(scalars["grad_norm"])
     for name, per_layer in moe_layer_metrics(1.0 / num_microbatches).items():
         scalars[name] = sum(per_layer) / max(len([v for v in per_layer if v]), 1)
+    scalars.update(mtp_metrics(1.0 / num_microbatches))
     scalars.update(layer_summaries(monitor.train_stats(end_of_window=True)))
     scalars.update(erc_scalars(model_chunks, cfg) if cfg.erc.enabled else router_scalars(model_chunks, cfg))
     return scalars
@@ -193,5 +215,5 @@ class Progress:
         self.print(self.line(step, scalars["lm_loss"], scalars["lr"], scalars["tokens_per_s"], extra))
 
     # console name -> record key, shown after the fixed fields when the record has them
-    SHOWN = {"lb": "load_balancing_loss", "maxvio": "maxvio", "dead": "dead_experts", "erc": "erc_loss",
-             "eps": "eps_mean"}
+    SHOWN = {"lb": "load_balancing_loss", "seq-lb": "seq_load_balancing_loss", "mtp": "mtp_loss",
+             "maxvio": "maxvio", "dead": "dead_experts", "erc": "erc_loss", "eps": "eps_mean"}

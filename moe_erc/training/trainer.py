@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func  # noqa: E
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
 
 from moe_erc.compat import comm_device, prepare_runtime
-from moe_erc.config import Config, data_parallel_size
+from moe_erc.config import Config, data_parallel_size, layer_rows
 from moe_erc.data.corpus import resolve_data_path
 from moe_erc.data.datasets import (build_dataloader, build_gpt_datasets, check_indexed_dataset, move_batch,
                                    parse_data_path)
@@ -159,7 +159,7 @@ class Trainer:
         self.on_non_finite = NonFinitePolicy(t, self.run_dir, self.ckpt_dir, self.is_logger, say=self._say)
         self.writer = metrics.MetricsWriter(cfg, self.run_dir, enabled=self.is_logger)
         log = cfg.logging
-        self.monitor = RoutingMonitor(self.model, cfg.model.num_layers, cfg.moe.num_experts,
+        self.monitor = RoutingMonitor(self.model, layer_rows(cfg), cfg.moe.num_experts,
                                       run_dir=self.run_dir if log.routing_trace else None,
                                       trace_interval=log.trace_interval if log.routing_trace else 0,
                                       trace_tokens=log.trace_tokens, coupling_tokens=log.coupling_tokens,

@@ -7,8 +7,14 @@ import torch
 from launch import losses, train
 
 
-@pytest.fixture(scope="module")
-def two_layers():
+# megatron's SwiGLU, and gpt-oss's GLU: x * sigmoid(1.702 x) of the gate clamped above, (linear part clamped + 1);
+# a clamp of 0.05, below the pre-activations' spread here (std ~0.1), so both sides are cut.
+ACTIVATIONS = {"swiglu": [], "clamped-quick-gelu": ["model.activation=quick_gelu", "model.activation_func_clamp_value=0.05",
+                                                    "model.glu_linear_offset=1.0"]}
+
+
+@pytest.fixture(scope="module", params=list(ACTIVATIONS))
+def two_layers(request):
     """One MoE layer built with SequentialMLP and one with GroupedExperts from the same seed."""
     from moe_erc.model import gpt as model_lib
     from moe_erc.training import parallel
@@ -17,7 +23,7 @@ def two_layers():
     from moe_erc.model.layers.experts import GroupedExperts
 
     overrides = ["model.num_layers=1", "model.hidden_size=32", "model.num_attention_heads=2",
-                 "moe.num_experts=4", "moe.moe_ffn_hidden_size=24", "model.seq_length=8"]
+                 "moe.num_experts=4", "moe.moe_ffn_hidden_size=24", "model.seq_length=8", *ACTIVATIONS[request.param]]
     built = []
     parallel.initialize(load_config(None, overrides), prepare_runtime("cpu"))  # same layout for both
     for grouped in (False, True):

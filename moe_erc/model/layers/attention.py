@@ -7,7 +7,9 @@ per TP rank, softmax scale, dropout under the RNG tracker) and hands the work to
 flash or memory-efficient kernel on GPU and a fused CPU kernel otherwise. It is swapped into the local
 spec by :mod:`moe_erc.model.layers.spec` whenever transformer-engine is absent.
 
-Shapes: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> context ``[sq, b, np * hn]``.
+Shapes: query ``[sq, b, np, hn]``, key/value ``[sk, b, ng, hn]`` -> context ``[sq, b, np * hn]``; with multi-latent
+attention (megatron's local spec has no core attention for it: its ``DotProductAttention`` takes one head size)
+query/key ``[s, b, np, qk_head_dim + qk_pos_emb_head_dim]``, value ``[s, b, np, v_head_dim]`` -> ``[s, b, np * v_head_dim]``.
 """
 
 from __future__ import annotations
@@ -26,9 +28,14 @@ class SDPAttention(DotProductAttention):
     """megatron's ``DotProductAttention`` with the score/softmax/context part done by one SDPA call."""
 
     def __init__(self, config, layer_number, attn_mask_type, attention_type, attention_dropout=None,
-                 softmax_scale=None, **kwargs):
+                 softmax_scale=None, k_channels=None, v_channels=None, **kwargs):
         super().__init__(config, layer_number, attn_mask_type, attention_type,
                          attention_dropout=attention_dropout, softmax_scale=softmax_scale, **kwargs)
+        if v_channels is not None:  # multi-latent attention: Q/K heads of k_channels, V heads of v_channels
+            heads = self.num_attention_heads_per_partition
+            self.hidden_size_per_partition = v_channels * heads
+            if softmax_scale is None:
+                self.softmax_scale = 1.0 / (k_channels or v_channels) ** 0.5
         if self.softmax_offset is not None or config.window_size is not None:
             raise ValueError("SDPA attention supports the vanilla softmax without a sliding window; "
                              "set model.attention_backend=local to use megatron's attention")

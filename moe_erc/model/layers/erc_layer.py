@@ -57,6 +57,13 @@ def current_training_step() -> int:
     return _STEP["value"]
 
 
+def layer_slot(router) -> int:
+    """1-based row of a router's layer in per-layer tables (0: not numbered yet): decoder layers 1..L, then the
+    multi-token-prediction layers L+1..L+mtp, whose own numbering restarts at 1 (megatron's MoE metrics do the same)."""
+    number = router.layer_number or 0
+    return number + router.config.num_layers if number and getattr(router, "is_mtp_layer", False) else number
+
+
 def noise_seed(base_seed: int, step: int, layer_number: int) -> int:
     """Same on every rank; different for every (step, layer)."""
     return (base_seed * 1_000_003 + step * 10_007 + layer_number * 101) % (2**63 - 1)
@@ -198,7 +205,7 @@ class ERCRouter(TopKRouter):
         eps = erc.noise_bounds(self.weight)
         if cfg.noise if noise is None else noise:
             generator = torch.Generator(device=self.weight.device)
-            generator.manual_seed(noise_seed(self.base_seed, step, self.layer_number or 0))
+            generator.manual_seed(noise_seed(self.base_seed, step, layer_slot(self)))
             proxies = erc.proxy_tokens(weight, eps, generator)
         else:
             proxies = weight.float()
@@ -242,7 +249,8 @@ def router_class(erc_config: ERCConfig, seed: int) -> type:
 
 
 def erc_layer_stats(model_chunks, num_layers: int) -> dict[str, list[float]]:
-    """Per-layer ERC statistics of the last step (``num_layers`` entries, NaN where no MoE layer).
+    """Per-layer ERC statistics of the last step (``num_layers`` entries: decoder then MTP layers, NaN where no MoE
+    layer; :func:`layer_slot`).
     Collective over the pipeline group (each stage holds its own layers)."""
     names = ("erc_loss", "erc_margin", "eps_mean", "eps_min", "eps_max")
     values = torch.zeros(len(names), num_layers, dtype=torch.float64, device=comm_device())
@@ -251,8 +259,8 @@ def erc_layer_stats(model_chunks, num_layers: int) -> dict[str, list[float]]:
         for module in chunk.modules():
             if isinstance(module, ERCRouter) and module.erc_stats and module.layer_number:
                 for k, name in enumerate(names):
-                    values[k, module.layer_number - 1] = float(module.erc_stats[name])
-                present[module.layer_number - 1] = 1.0
+                    values[k, layer_slot(module) - 1] = float(module.erc_stats[name])
+                present[layer_slot(module) - 1] = 1.0
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     if _size(pp_group) > 1:
         dist.all_reduce(values, group=pp_group)
@@ -280,7 +288,7 @@ def router_matrix_stats(model_chunks, num_layers: int, posthoc_alpha: Optional[f
             weight = getattr(router, "weight", None)
             if experts is None or not isinstance(weight, torch.Tensor) or not router.layer_number:
                 continue
-            row = router.layer_number - 1
+            row = layer_slot(router) - 1
             eps = erc.noise_bounds(weight)
             stats = [eps.mean(), eps.min(), eps.max()]
             if posthoc_alpha is not None:

@@ -143,9 +143,13 @@ class GroupedExperts(MegatronModule):
                               f"sync per call (bf16 on compute capability 9.x/10.x is the fast path)")
         hidden = hidden.contiguous()  # the CUDA kernel needs 16-byte-aligned row-major tokens (no-op if so)
         h = grouped_mm(hidden, self.weight1, offsets)                    # [T, 2D] or [T, D]
-        if self.gated:
+        if self.gated:  # as megatron's MLP: gate clamped above, linear part to +-clamp, then act(gate) * (up + offset)
             gate, up = torch.chunk(h, 2, dim=-1)
-            inner = self.config.activation_func(gate) * up
+            clamp = self.config.activation_func_clamp_value
+            if clamp is not None:
+                gate, up = gate.clamp(max=clamp), up.clamp(min=-clamp, max=clamp)
+            offset = self.config.glu_linear_offset
+            inner = self.config.activation_func(gate) * (up + offset if offset else up)
         else:
             inner = self.config.activation_func(h)
         inner = (inner * permuted_probs.unsqueeze(-1)).to(hidden.dtype)  # as megatron's MLP: probs in fp32

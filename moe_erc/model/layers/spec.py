@@ -6,7 +6,7 @@ classes in it, never subclassing the model:
 | part | transformer-engine present | otherwise (plain CUDA torch, CPU) |
 |---|---|---|
 | linears, norms | megatron's TE spec | megatron's local spec |
-| core attention (``model.attention_backend=auto``) | TE's fused attention | :class:`moe_erc.model.layers.attention.SDPAttention` |
+| core attention (``model.attention_backend=auto``) | TE's fused attention | :class:`moe_erc.model.layers.attention.SDPAttention` (megatron's for windows / sinks) |
 | experts, ``moe.moe_grouped_gemm=true`` | TE grouped GEMM (``TEGroupedMLP``) | :class:`moe_erc.model.layers.experts.GroupedExperts` |
 | experts, ``moe.moe_grouped_gemm=false`` | ``SequentialMLP`` | ``SequentialMLP`` |
 | router (and AoE's experts) | :mod:`moe_erc.model.layers.routers` | :mod:`moe_erc.model.layers.routers` |
@@ -36,13 +36,45 @@ def decoder_block_spec(cfg: Config, tf_config):
         experts = GroupedExperts
     if router is not None or experts is not None:
         _use_moe_classes(block_spec, router, experts)
-    backend = cfg.model.attention_backend
-    if backend == "sdpa" or (backend == "auto" and not use_te):
+    if cfg.model.multi_latent_attention and cfg.model.q_lora_rank is None and not use_te:
+        # No Q compression: no Q latent to normalise (DeepSeek-V2-Lite, Moonlight); the KV latent keeps its norm.
+        from megatron.core.transformer.identity_op import IdentityOp
+
+        from moe_erc.model.layers.mla import LocalMLASelfAttention
+
+        for spec in block_spec.layer_specs:
+            spec.submodules.self_attention.module = LocalMLASelfAttention
+            spec.submodules.self_attention.submodules.q_layernorm = IdentityOp
+    if attention_backend(cfg) == "sdpa":
         from moe_erc.model.layers.attention import SDPAttention
 
         for spec in block_spec.layer_specs:
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return block_spec
+
+
+def attention_backend(cfg: Config) -> str:
+    """Which core attention the layers run: ``te`` (transformer-engine's, when it imports), ``sdpa``
+    (:class:`~moe_erc.model.layers.attention.SDPAttention`), or ``local`` (megatron's unfused attention, which
+    ``auto`` picks without TE for what SDPA cannot express here: sliding windows and attention sinks)."""
+    m = cfg.model
+    if m.attention_backend == "local":
+        return "local"
+    if m.attention_backend == "sdpa":
+        return "sdpa"
+    if have_transformer_engine():
+        return "te"
+    return "local" if (m.window_size is not None or m.softmax_type != "vanilla") else "sdpa"
+
+
+def mtp_block_spec(cfg: Config, tf_config, block_spec):
+    """megatron's multi-token-prediction block spec (None without ``model.mtp_num_layers``): its layers are
+    the decoder's last layer spec, so they carry moe-erc's router, experts and attention too."""
+    if not cfg.model.mtp_num_layers:
+        return None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_mtp_block_spec
+
+    return get_gpt_mtp_block_spec(tf_config, block_spec, use_transformer_engine=have_transformer_engine())
 
 
 def _moe_submodules(layer_spec):
