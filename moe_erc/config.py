@@ -38,7 +38,8 @@ class ModelConfig(_Group):
     norm_epsilon: float = 1e-5  # RMSNorm / LayerNorm epsilon (megatron's layernorm_epsilon)
     swiglu: bool = True
     add_bias_linear: bool = False
-    qk_layernorm: bool = False
+    qk_layernorm: bool = False  # RMSNorm of Q and K (with multi-latent attention: of the Q and KV latents)
+    qk_layernorm_over: Literal["head", "projection"] = "head"  # each head (Qwen3-MoE), or all heads together (OLMoE)
     init_method_std: float = 0.02
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -469,6 +470,10 @@ def _architecture_problems(cfg: Config):
         yield f"model.window_attn_skip_freq as a list needs one 0/1 per layer ({m.num_layers} entries), got {skip}"
     elif isinstance(skip, int) and skip < 1:
         yield f"model.window_attn_skip_freq={skip} must be >= 1 (every N-th layer has full attention)"
+    if m.qk_layernorm_over == "projection" and (not m.qk_layernorm or m.multi_latent_attention
+                                                or m.normalization != "RMSNorm"):
+        yield ("model.qk_layernorm_over=projection (OLMoE's Q/K RMSNorm over all heads) needs model.qk_layernorm=true, "
+               "model.normalization=RMSNorm and standard attention (not multi-latent)")
     if m.multi_latent_attention and m.attention_backend == "local":
         yield ("model.attention_backend=local cannot run multi-latent attention (megatron's unfused attention takes "
                "one head size for Q, K and V); use auto or sdpa")

@@ -108,7 +108,8 @@ class Plan:
     layout: str
     method: str                     # the configured method's row of flops.METHODS
     total_params: int
-    active_params: int
+    active_params: int              # what a token computes with, input embedding excluded (a lookup)
+    active_params_with_embedding: int  # the same with the input embedding (how model cards count "A3B")
     params: dict
     per_rank_params: int
     memory_gib: dict
@@ -188,7 +189,8 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
         world_size=world_size,
         layout=f"TP{tp} PP{pp} EP{ep} ETP{etp} DP{dp} (expert-DP {edp})",
         method=method_label(cfg),
-        total_params=counts.total, active_params=active, params=asdict(counts), per_rank_params=round(per_rank),
+        total_params=counts.total, active_params=active, active_params_with_embedding=active + counts.embedding,
+        params=asdict(counts), per_rank_params=round(per_rank),
         memory_gib={k: round(v, 3) for k, v in memory.items()},
         activation_gib_per_microbatch=round(activation_bytes(cfg) / GiB, 3),
         flops_per_token=own.per_token_total,
@@ -316,7 +318,8 @@ def print_plan(plan: Plan) -> None:
         ("world size / layout", f"{plan.world_size}: {plan.layout}"),
         ("method", plan.method),
         ("total parameters", f"{plan.total_params / 1e9:.3f} B"),
-        ("active parameters / token", f"{plan.active_params / 1e6:.0f} M (input embedding excluded)"),
+        ("active parameters / token", f"{plan.active_params / 1e6:.0f} M (input embedding excluded; "
+                                      f"{plan.active_params_with_embedding / 1e6:.0f} M with it)"),
         ("  experts / attention / router", f"{c['experts'] / 1e9:.3f} B / {c['attention'] / 1e6:.0f} M / "
                                            f"{c['router'] / 1e6:.2f} M"),
         ("  embedding / output layer", f"{c['embedding'] / 1e6:.0f} M / {c['output'] / 1e6:.0f} M"),

@@ -7,7 +7,10 @@ Conventions (also returned as :class:`Assumptions` and printed by every caller):
 * Training = 3 x forward for every GEMM with a trainable weight (forward, input gradient, weight
   gradient). K-Means' cosine scoring has no weight: 2 x forward.
 * Attention scores (``Q K^T`` and ``A V``) over the full ``s x s`` matrix, no causal saving (as Megatron's
-  and PaLM's MFU counts): ``4 s d`` FLOPs per token and layer forward.
+  and PaLM's MFU counts): ``4 s d`` FLOPs per token and layer forward (``2 s heads (qk + v)`` with other head sizes
+  and multi-latent attention; ``s`` becomes ``min(s, window + 1)`` in sliding-window layers).
+* Shared experts are a dense MLP in every MoE layer; each multi-token-prediction layer is a ``2d -> d``
+  projection, a layer shaped as the decoder's last and the output GEMM.
 * The input embedding is a lookup: 0 FLOPs. The output layer is a ``d x V`` GEMM (V padded as training pads it).
 * Tokens per step = ``training.global_batch_size x model.seq_length``; per-GPU figures divide the step's
   total evenly over the world (pipeline bubbles and load imbalance are not modelled).
@@ -160,6 +163,45 @@ class StepFlops:
         return self.erc_forward_per_gpu / self.expert_forward_per_gpu if self.erc_forward_per_gpu else 0.0
 
 
+def _layer_kinds(cfg: Config) -> list[bool]:
+    freq = cfg.model.moe_layer_freq
+    return [bool(f) for f in freq] if isinstance(freq, list) else [i % freq == 0 for i in range(cfg.model.num_layers)]
+
+
+def _windowed(cfg: Config, layer: int) -> bool:
+    """Layer ``layer`` (0-based) attends over ``model.window_size`` (megatron's ``is_layer_window_attention``)."""
+    m = cfg.model
+    if m.window_size is None:
+        return False
+    skip = m.window_attn_skip_freq
+    if skip is None:
+        return True
+    if isinstance(skip, list):
+        return not skip[layer]
+    return (layer + 1) % skip != 0
+
+
+def attention_forward(cfg: Config) -> tuple[float, list[float]]:
+    """Forward FLOPs per token of one layer's attention projections, and of each layer's scores (``Q K^T``
+    and ``A V``, all keys up to the sequence length or the window, no causal saving)."""
+    m = cfg.model
+    d, s, heads = m.hidden_size, m.seq_length, m.num_attention_heads
+    if m.multi_latent_attention:
+        qk, v = m.qk_head_dim + m.qk_pos_emb_head_dim, m.v_head_dim
+        q = d * m.q_lora_rank + m.q_lora_rank * heads * qk if m.q_lora_rank else d * heads * qk
+        projections = 2 * (q + d * (m.kv_lora_rank + m.qk_pos_emb_head_dim)
+                           + m.kv_lora_rank * heads * (m.qk_head_dim + v) + heads * v * d)
+    else:
+        qk = v = m.kv_channels or d // heads
+        groups = m.num_query_groups or heads
+        projections = 2 * (d * (heads + 2 * groups) * qk + heads * qk * d)
+    scores = []
+    for layer in range(m.num_layers):
+        keys = min(s, m.window_size[0] + 1) if _windowed(cfg, layer) else s
+        scores.append(2 * keys * heads * (qk + v))
+    return projections, scores
+
+
 def step_flops(cfg: Config, world_size: int, vocab_size: int | None = None) -> StepFlops:
     """Training FLOPs of one optimizer step of ``cfg`` on ``world_size`` GPUs.
 
@@ -169,8 +211,6 @@ def step_flops(cfg: Config, world_size: int, vocab_size: int | None = None) -> S
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
     d, s, n, k = m.hidden_size, m.seq_length, moe.num_experts, moe.moe_router_topk
     vocab = padded_vocab_size(cfg, vocab_size)
-    heads = m.num_attention_heads
-    kv = (m.num_query_groups or heads) * (d // heads)
     mats = 3 if m.swiglu else 2
     n_moe, n_dense = num_moe_layers(cfg), m.num_layers - num_moe_layers(cfg)
     notes = []
@@ -189,15 +229,30 @@ def step_flops(cfg: Config, world_size: int, vocab_size: int | None = None) -> S
         notes.append(f"AoE: rank r={r}, expert width D'={width}; scoring 2 n d r per token; experts "
                      f"K*2*D'*(r+2d); recompute K*2*d*r {when}")
 
+    projections, scores = attention_forward(cfg)
+    shared_fwd = 2 * mats * d * (moe.moe_shared_expert_intermediate_size or 0)
+    dense_fwd = 2 * mats * d * (m.ffn_hidden_size or 4 * d)
     per_token = {
-        "attention": 3 * m.num_layers * 2 * (d * (d + 2 * kv) + d * d),
-        "attention_scores": 3 * m.num_layers * 4 * s * d,
+        "attention": 3 * m.num_layers * projections,
+        "attention_scores": 3 * sum(scores),
         "router": scoring_factor * n_moe * router_fwd,
         "experts": 3 * n_moe * experts_fwd,
         "aoe_recompute": 3 * n_moe * recompute_fwd,
-        "dense_mlp": 3 * n_dense * 2 * mats * d * (m.ffn_hidden_size or 4 * d),
+        "shared_experts": 3 * n_moe * shared_fwd,
+        "dense_mlp": 3 * n_dense * dense_fwd,
         "output": 3 * 2 * d * vocab,
     }
+    if m.mtp_num_layers:  # each: [embedding; hidden] -> d, one layer shaped as the decoder's last, the output GEMM
+        last_is_moe = _layer_kinds(cfg)[-1]
+        mlp_fwd = (router_fwd + experts_fwd + recompute_fwd + shared_fwd) if last_is_moe else dense_fwd
+        per_token["mtp"] = 3 * m.mtp_num_layers * (2 * 2 * d * d + projections + scores[-1] + mlp_fwd + 2 * d * vocab)
+        notes.append(f"MTP: {m.mtp_num_layers} layer(s), each a projection 2d -> d, a layer like the decoder's "
+                     f"last and the output GEMM")
+    if m.multi_latent_attention:
+        notes.append("MLA: the Q (or Q-LoRA), KV-down and KV-up projections; scores over qk_head_dim + "
+                     "qk_pos_emb_head_dim, values over v_head_dim")
+    if m.window_size is not None:
+        notes.append(f"sliding window {m.window_size}: scores over min(s, window + 1) keys in windowed layers")
     tokens = cfg.training.global_batch_size * s
     erc_fwd = 0.0
     if cfg.erc.enabled and moe.router == "topk":

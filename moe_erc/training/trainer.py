@@ -37,11 +37,15 @@ from moe_erc.model.gpt import (build_model, compile_layers, count_parameters, pa
 from moe_erc.model.layers import routers
 from moe_erc.model.layers.erc_layer import set_training_step
 from moe_erc.model.layers.kernels import detect as detect_kernels
+from moe_erc.model.layers.spec import attention_backend
 from moe_erc.training import checkpoint, metrics, parallel
 from moe_erc.training.finite import NonFinitePolicy, all_finite, gradient_buffers, tensor_finite
 from moe_erc.training.instruments import RoutingMonitor, layer_summaries
 from moe_erc.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from moe_erc.training.optimizer import describe as describe_optimizer
+
+
+_ATTENTION = {"te": "transformer-engine", "sdpa": "torch SDPA", "local": "megatron unfused"}
 
 
 def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
@@ -369,7 +373,8 @@ class Trainer:
                 f"PP{p.pipeline_model_parallel_size} x DP{self.dp} (EP{p.expert_model_parallel_size}) | "
                 f"{self.compute_device}, {self.precision} | vocab {self.tokenizer.vocab_size} "
                 f"(padded {self.vocab_size}) | run dir {self.run_dir}\n"
-                f"moe-erc: {self.kernels.summary()} | optimizer {describe_optimizer(cfg, self.model, self.kernels.optimizer())}"
+                f"moe-erc: {self.kernels.summary()} | attention {_ATTENTION[attention_backend(cfg)]} | "
+                f"optimizer {describe_optimizer(cfg, self.model, self.kernels.optimizer())}"
                 f"{self._compile_note()}")
 
     def _compile_note(self) -> str:

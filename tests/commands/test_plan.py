@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -177,3 +178,42 @@ def test_plan_counts_the_symmetric_optimizers_newton_schulz_and_state():
     adamw = _plan_json("configs/erc-3b.yaml", f"parallel.expert_model_parallel_size={ep}")
     assert adamw["optimizer"]["ns_tflop_per_step"] == 0
     assert adamw["optimizer"]["state_gib"] == pytest.approx(opt["adamw_state_gib"], rel=1e-9)
+
+
+def _hf_parameter_count(config) -> int:
+    """Parameters of the transformers model of ``config`` (built on the meta device: no memory)."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("config, published_total, published_active", [
+    ("olmoe-1b-7b.yaml", "6.9", "1.3"),     # OLMoE-1B-7B: "1B active, 7B total" (6.9B / 1.3B)
+    ("moonlight-16b-a3b.yaml", "16", "3"),  # Moonlight-16B-A3B
+])
+def test_the_released_architectures_plan_to_their_published_sizes(config, published_total, published_active):
+    """plan's total equals the parameters of the transformers model of the released shape (an independent
+    count: its classes, its names) to 1e-4 (OLMoE's Q/K norm weights are per projection in both), and its total and
+    active parameters (input embedding included, as model cards count) round to the published figures."""
+    import transformers
+
+    plan = _plan_json(f"configs/{config}")
+    if config.startswith("olmoe"):
+        hf = transformers.OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                                      num_attention_heads=16, num_experts=64, num_experts_per_tok=8,
+                                      tie_word_embeddings=False)
+    else:
+        hf = transformers.DeepseekV3Config(
+            vocab_size=163840, hidden_size=2048, intermediate_size=11264, moe_intermediate_size=1408,
+            num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_shared_experts=2,
+            n_routed_experts=64, num_experts_per_tok=6, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+            qk_nope_head_dim=128, v_head_dim=128, n_group=1, topk_group=1, first_k_dense_replace=1,
+            routed_scaling_factor=2.446, tie_word_embeddings=False)
+    assert plan["total_params"] == pytest.approx(_hf_parameter_count(hf), rel=1e-4)
+    digits = len(published_total.partition(".")[2])
+    assert f"{plan['total_params'] / 1e9:.{digits}f}" == published_total
+    digits = len(published_active.partition(".")[2])
+    assert f"{plan['active_params_with_embedding'] / 1e9:.{digits}f}" == published_active
+    assert plan["erc_flop_share"] is not None and 0 < plan["erc_flop_share"] < 0.01

@@ -45,6 +45,12 @@ def decoder_block_spec(cfg: Config, tf_config):
         for spec in block_spec.layer_specs:
             spec.submodules.self_attention.module = LocalMLASelfAttention
             spec.submodules.self_attention.submodules.q_layernorm = IdentityOp
+    if cfg.model.qk_layernorm_over == "projection":
+        from moe_erc.model.layers.qk_norm import KeyProjectionNorm, QueryProjectionNorm
+
+        for spec in block_spec.layer_specs:
+            spec.submodules.self_attention.submodules.q_layernorm = QueryProjectionNorm
+            spec.submodules.self_attention.submodules.k_layernorm = KeyProjectionNorm
     if attention_backend(cfg) == "sdpa":
         from moe_erc.model.layers.attention import SDPAttention
 
