@@ -30,7 +30,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="a YAML config to count as it is (default: the scaled-down 3B shapes)")
-    parser.add_argument("--variants", default="vanilla,erc,aoe,kmeans,auxfree",
+    parser.add_argument("--variants", default="vanilla,erc,aoe,kmeans,auxfree,deepseek",
                         help="comma-separated, of: vanilla, erc, aoe, kmeans, auxfree (without --config)")
     parser.add_argument("--optimizer", default="adamw", help="adamw | muon | symmetric | a comma-separated list")
     parser.add_argument("--data", help="a tokenized data prefix (default: the embedded corpus)")

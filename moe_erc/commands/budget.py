@@ -566,6 +566,16 @@ VARIANTS = {
     "kmeans": ["moe.router=kmeans", "moe.moe_router_load_balancing_type=none", "moe.moe_aux_loss_coeff=0"],
     "auxfree": ["moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true",
                 "moe.moe_router_load_balancing_type=none", "moe.moe_aux_loss_coeff=0"],
+    # DeepSeek-V3's shape (configs/tiny-deepseek.yaml): MLA, a dense first layer, a shared expert, group-limited
+    # sigmoid routing with expert bias and routed scaling, one MTP layer, with ERC.
+    "deepseek": ["model.multi_latent_attention=true", "model.kv_lora_rank=64", "model.qk_head_dim=64",
+                 "model.qk_pos_emb_head_dim=32", "model.v_head_dim=64", "model.qk_layernorm=true",
+                 "model.moe_layer_freq=[0,1,1,1]", "model.mtp_num_layers=1",
+                 "moe.moe_shared_expert_intermediate_size=256", "moe.moe_router_num_groups=8",
+                 "moe.moe_router_group_topk=4", "moe.moe_router_topk_scaling_factor=2.5",
+                 "moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true",
+                 "moe.moe_router_load_balancing_type=seq_aux_loss", "moe.moe_aux_loss_coeff=0.0001",
+                 "erc.enabled=true"],
 }
 
 
