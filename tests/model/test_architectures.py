@@ -42,6 +42,12 @@ FEATURES = {  # name: (overrides, the core attention auto picks without transfor
     "olmoe-qk-norm": (["model.qk_layernorm=true", "model.qk_layernorm_over=projection", "model.num_query_groups=2"],
                       "sdpa", "self_attention.k_layernorm.weight"),
     "mtp": (["model.mtp_num_layers=1"], "sdpa", "mlp.router.weight"),
+    # the other routers with a shared expert (and MTP's extra MoE layer)
+    "kmeans-shared-mtp": (["moe.router=kmeans", "moe.moe_router_load_balancing_type=none",
+                           "moe.moe_shared_expert_intermediate_size=32", "model.mtp_num_layers=1"], "sdpa",
+                          "mlp.shared_experts.linear_fc1.weight"),
+    "aoe-shared": (["moe.router=aoe", "moe.moe_shared_expert_intermediate_size=32"], "sdpa",
+                   "mlp.shared_experts.linear_fc1.weight"),
 }
 
 

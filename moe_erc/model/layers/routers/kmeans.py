@@ -154,10 +154,12 @@ class KMeansRouter(TopKRouter):
             super().reset_parameters()
 
     def set_layer_number(self, layer_number: int):
+        from moe_erc.model.layers.erc_layer import layer_slot  # an MTP layer seeds apart from decoder layer 1
+
         super().set_layer_number(layer_number)
         if not self._centroids_final:
             n, d = self.centroids.shape
-            self.centroids.copy_(initial_centroids(n, d, self.base_seed, layer_number or 0))
+            self.centroids.copy_(initial_centroids(n, d, self.base_seed, layer_slot(self)))
 
     def _keep_fp32(self):
         """Float16Module casts buffers to bf16/fp16; centroids and their update stay fp32."""
@@ -258,11 +260,11 @@ class KMeansRouter(TopKRouter):
         s_local, batch = shape[0], shape[1]
         tp = parallel_state.get_tensor_model_parallel_world_size() if self.config.sequence_parallel else 1
         tp_rank = parallel_state.get_tensor_model_parallel_rank() if tp > 1 else 0
-        from moe_erc.model.layers.erc_layer import current_training_step
+        from moe_erc.model.layers.erc_layer import current_training_step, layer_slot
 
         # Drawn on the device (a generator there, seeded alike on every rank): no host tensor to copy over.
         generator = torch.Generator(device=x.device).manual_seed(
-            centroid_seed(self.base_seed, self.layer_number or 0) + 104_729 * current_training_step())
+            centroid_seed(self.base_seed, layer_slot(self)) + 104_729 * current_training_step())
         sequences = min(self.seed_sequences, batch)
         flat = torch.randint(0, s_local * tp * sequences, (n,), generator=generator, device=x.device)
         positions, sequence = (flat, 0) if sequences == 1 else (flat // sequences, flat % sequences)
