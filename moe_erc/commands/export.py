@@ -1,26 +1,32 @@
 """``moe-erc export CHECKPOINT --out DIR``: a Hugging Face transformers model directory from any checkpoint.
 
 The checkpoint is loaded into one process whatever layout it was saved in (dist_checkpointing merges the
-TP / EP / PP shards), its weights are renamed and split by the mapping ``import`` shares (:mod:`moe_erc.model.hf_mapping`, docs/export.md), and
-transformers writes ``config.json``, ``model.safetensors`` shards and ``generation_config.json`` in its
+TP / EP / PP shards), its weights are renamed and split by the mapping ``import`` shares (:mod:`moe_erc.model.hf_mapping`,
+docs/export.md), and transformers writes ``config.json``, ``model.safetensors`` shards and ``generation_config.json`` in its
 hub format; the run's tokenizer is written beside them as a fast tokenizer. The architecture follows the
 run's routing, so the exported forward is the trained one:
 
 =======================================  ===================  ==========================================
-routing                                  architecture          how it is expressed
+routing and features                     architecture          how it is expressed
 =======================================  ===================  ==========================================
 top-K, softmax over the K (megatron's)   MixtralForCausalLM    softmax over all, top-K, renormalised
                                                                (the same gates)
 the same with dense layers mixed in      Qwen2MoeForCausalLM   ``mlp_only_layers``, ``norm_topk_prob``
 either, with per-head QK RMSNorm         Qwen3MoeForCausalLM   ``q_norm`` / ``k_norm`` over head_dim
-softmax over all, top-K, no renorm       Qwen2MoeForCausalLM   ``norm_topk_prob=false``, no shared expert,
-(``moe_router_pre_softmax``)                                   no QKV bias
+either, QK RMSNorm over the projection   OlmoeForCausalLM      ``q_norm`` / ``k_norm`` over all heads,
+(``qk_layernorm_over: projection``)                            ``norm_topk_prob``
+softmax over all, top-K, no renorm       Qwen2MoeForCausalLM   ``norm_topk_prob=false``
+(``moe_router_pre_softmax``)
+a gated shared expert, QKV biases        Qwen2MoeForCausalLM   ``shared_expert`` + ``shared_expert_gate``,
+                                                               ``qkv_bias``
 sigmoid + expert bias (aux-loss-free)    Glm4MoeForCausalLM    ``e_score_correction_bias``, one group,
-                                                               ``first_k_dense_replace``, full rotary
+(+ an ungated shared expert, partial                           ``first_k_dense_replace``, ``n_shared_experts``,
+rotary, QKV biases, per-head QK norm,                          ``partial_rotary_factor``, ``attention_bias``,
+routed scaling: GLM-4.5)                                       ``use_qk_norm``, ``routed_scaling_factor``
 =======================================  ===================  ==========================================
 
-Anything else (AoE, K-Means, LayerNorm, biases, a capacity factor, ...) is refused in one line
-naming what no transformers class expresses. ERC adds no parameters: an ERC run exports like its router.
+Anything else (AoE, K-Means, LayerNorm, linear biases, a capacity factor, and the architecture features whose
+mappings are not written yet: MLA, MTP, windows, sinks, group routing, ...) is refused in one line naming it. ERC adds no parameters: an ERC run exports like its router.
 Nothing here touches the network.
 """
 
@@ -49,8 +55,10 @@ class ExportError(UserError):
 
 
 def architecture(cfg: Config) -> str:
-    """``mixtral``, ``qwen2_moe`` or ``glm4_moe`` for this run's routing; :class:`ExportError` otherwise."""
+    """``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe`` or ``glm4_moe`` for this run's routing and features;
+    :class:`ExportError` otherwise."""
     from moe_erc.config import router_pre_softmax
+    from moe_erc.model.flops import expert_width
 
     m, moe = cfg.model, cfg.moe
     missing = []
@@ -63,14 +71,30 @@ def architecture(cfg: Config) -> str:
         missing.append("model.swiglu=false (the MoE classes use SwiGLU experts)")
     if m.add_bias_linear:
         missing.append("model.add_bias_linear=true (no linear biases in the MoE classes)")
-    if m.qk_layernorm and moe.moe_router_score_function == "sigmoid":
-        missing.append("model.qk_layernorm=true with sigmoid routing (GLM-4-MoE's QK norm is not exported)")
+    sigmoid = moe.moe_router_score_function == "sigmoid"
+    features = {"model.multi_latent_attention": m.multi_latent_attention, "model.mtp_num_layers": m.mtp_num_layers,
+                "model.window_size": m.window_size is not None, "model.softmax_type": m.softmax_type != "vanilla",
+                "model.activation": m.activation not in (None, "silu"),
+                "model.activation_func_clamp_value": m.activation_func_clamp_value is not None,
+                "model.glu_linear_offset": m.glu_linear_offset != 0.0,
+                "model.rotary_percent (outside GLM-4-MoE's sigmoid routing)": m.rotary_percent != 1.0 and not sigmoid,
+                "moe.moe_router_num_groups": moe.moe_router_num_groups is not None,
+                "moe.moe_router_topk_scaling_factor (outside GLM-4-MoE's sigmoid routing)":
+                    moe.moe_router_topk_scaling_factor is not None and not sigmoid}
+    missing += [f"{key} (its transformers mapping is not written yet)" for key, on in features.items() if on]
+    shared, gated = moe.moe_shared_expert_intermediate_size, moe.moe_shared_expert_gate
+    if shared and not gated and (moe.moe_router_score_function != "sigmoid" or shared % expert_width(cfg)):
+        missing.append("an ungated shared expert needs sigmoid routing and a width that is a multiple of the expert "
+                       "width (GLM-4-MoE's n_shared_experts); a gated one is Qwen2-MoE's")
+    if gated and moe.moe_router_score_function == "sigmoid":
+        missing.append("a gated shared expert with sigmoid routing (Qwen2-MoE's shared expert gate, GLM-4-MoE's routing)")
+    if m.qk_layernorm_over == "projection" and (shared or m.add_qkv_bias or sigmoid or not all(layer_kinds(cfg))):
+        missing.append("OLMoE's projection QK norm with shared experts, QKV biases, sigmoid routing or dense layers")
     if m.position_embedding_type != "rope":
         missing.append(f"model.position_embedding_type={m.position_embedding_type} (the MoE classes use RoPE)")
     if moe.moe_expert_capacity_factor is not None:
         missing.append("moe.moe_expert_capacity_factor (token dropping)")
     kinds = layer_kinds(cfg)
-    sigmoid = moe.moe_router_score_function == "sigmoid"
     if sigmoid and not moe.moe_router_enable_expert_bias:
         missing.append("sigmoid routing without expert bias (Glm4Moe always adds its correction bias; enable "
                        "moe.moe_router_enable_expert_bias)")
@@ -80,9 +104,14 @@ def architecture(cfg: Config) -> str:
         raise ExportError("cannot export to transformers: " + "; ".join(missing))
     if sigmoid:
         return "glm4_moe"
+    if m.qk_layernorm and m.qk_layernorm_over == "projection":  # RMSNorm of the whole Q and K projections
+        return "olmoe"
     if m.qk_layernorm:  # per-head RMSNorm on Q and K, as megatron's
+        if shared or m.add_qkv_bias:
+            raise ExportError("cannot export to transformers: per-head QK norm with a shared expert or QKV biases "
+                              "(no transformers MoE class has both)")
         return "qwen3_moe"
-    if router_pre_softmax(cfg) or not all(kinds):
+    if router_pre_softmax(cfg) or not all(kinds) or shared or m.add_qkv_bias:
         return "qwen2_moe"
     return "mixtral"
 
@@ -97,7 +126,8 @@ def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
     heads = m.num_attention_heads
     common = dict(
         vocab_size=vocab_size, hidden_size=m.hidden_size, num_hidden_layers=m.num_layers,
-        num_attention_heads=heads, num_key_value_heads=m.num_query_groups or heads, head_dim=m.hidden_size // heads,
+        num_attention_heads=heads, num_key_value_heads=m.num_query_groups or heads,
+        head_dim=m.kv_channels or m.hidden_size // heads,
         hidden_act="silu", max_position_embeddings=m.max_position_embeddings or m.seq_length, rms_norm_eps=m.norm_epsilon,
         tie_word_embeddings=not m.untie_embeddings_and_output_weights, attention_dropout=0.0,
         num_experts_per_tok=moe.moe_router_topk, bos_token_id=None, eos_token_id=eod, pad_token_id=eod,
@@ -110,6 +140,11 @@ def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
         return transformers.MixtralConfig(**common, intermediate_size=expert_width, num_local_experts=moe.num_experts,
                                           router_jitter_noise=0.0, sliding_window=None, rope_parameters=rope)
     kinds = layer_kinds(cfg)
+    shared = moe.moe_shared_expert_intermediate_size or 0
+    if arch == "olmoe":
+        return transformers.OlmoeConfig(**common, intermediate_size=expert_width, num_experts=moe.num_experts,
+                                        norm_topk_prob=not router_pre_softmax(cfg), attention_bias=False,
+                                        clip_qkv=None, rope_parameters=rope)
     if arch == "qwen3_moe":
         return transformers.Qwen3MoeConfig(
             **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=moe.num_experts,
@@ -119,14 +154,15 @@ def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
     if arch == "qwen2_moe":
         return transformers.Qwen2MoeConfig(
             **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, num_experts=moe.num_experts,
-            shared_expert_intermediate_size=0, norm_topk_prob=not router_pre_softmax(cfg), qkv_bias=False,
+            shared_expert_intermediate_size=shared, norm_topk_prob=not router_pre_softmax(cfg), qkv_bias=m.add_qkv_bias,
             decoder_sparse_step=1, mlp_only_layers=[i for i, is_moe in enumerate(kinds) if not is_moe],
             use_sliding_window=False, rope_parameters=rope)
     return transformers.Glm4MoeConfig(
         **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, n_routed_experts=moe.num_experts,
-        n_shared_experts=0, n_group=1, topk_group=1, norm_topk_prob=moe.moe_router_topk > 1,
-        routed_scaling_factor=1.0, first_k_dense_replace=kinds.index(True) if any(kinds) else m.num_layers,
-        use_qk_norm=False, attention_bias=False, rope_parameters={**rope, "partial_rotary_factor": 1.0})
+        n_shared_experts=shared // expert_width, n_group=1, topk_group=1, norm_topk_prob=moe.moe_router_topk > 1,
+        routed_scaling_factor=moe.moe_router_topk_scaling_factor or 1.0,
+        first_k_dense_replace=kinds.index(True) if any(kinds) else m.num_layers, use_qk_norm=m.qk_layernorm,
+        attention_bias=m.add_qkv_bias, rope_parameters={**rope, "partial_rotary_factor": m.rotary_percent})
 
 
 # ---------------------------------------------------------------------------------------------- weights
@@ -135,14 +171,15 @@ def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
 def convert(cfg: Config, state: dict, arch: str, vocab_size: int) -> dict[str, torch.Tensor]:
     """megatron GPTModel state (one process) -> transformers state of ``arch`` (in-memory names): the shared
     mapping (:func:`moe_erc.model.hf_mapping.megatron_to_hf`) plus what ``arch`` builds on its own."""
-    out = megatron_to_hf(cfg, state, vocab_size)
+    out = megatron_to_hf(cfg, state, vocab_size, arch)
     d = cfg.model.hidden_size
     for i, is_moe in enumerate(layer_kinds(cfg)):
         dst = f"model.layers.{i}"
         bias = f"{dst}.mlp.gate.e_score_correction_bias"
         if bias in out:
             out[bias] = out[bias].float()  # transformers keeps the correction bias in fp32 whatever the dtype
-        if is_moe and arch in ("qwen2_moe", "glm4_moe"):  # their always-built shared expert, made zero-width
+        if is_moe and arch in ("qwen2_moe", "glm4_moe") and not cfg.moe.moe_shared_expert_intermediate_size:
+            # their always-built shared expert, made zero-width
             shared = "shared_expert" if arch == "qwen2_moe" else "shared_experts"
             for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):
                 out[f"{dst}.mlp.{shared}.{proj}.weight"] = torch.zeros(shape)

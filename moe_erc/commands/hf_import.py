@@ -12,14 +12,19 @@ transformers class  moe-erc config
 ==================  ===========================================================================================
 Mixtral             softmax over all, top-K, renormalised = megatron's top-K then softmax over the K
 Qwen2-MoE           ``norm_topk_prob=false`` -> ``moe_router_pre_softmax``; ``mlp_only_layers`` -> ``moe_layer_freq``
-Qwen3-MoE           as Qwen2-MoE, plus per-head QK RMSNorm -> ``model.qk_layernorm``
-GLM-4-MoE           sigmoid + ``e_score_correction_bias`` -> aux-loss-free routing (expert bias), first k dense
+Qwen3-MoE           as Qwen2-MoE, plus per-head QK RMSNorm -> ``model.qk_layernorm``; ``head_dim`` -> ``kv_channels``
+Qwen2-MoE's extras  ``shared_expert`` + ``shared_expert_gate`` -> ``moe_shared_expert_intermediate_size`` + gate;
+                    ``qkv_bias`` -> ``model.add_qkv_bias``
+OLMoE               QK RMSNorm over the whole projection -> ``qk_layernorm_over: projection``; softmax over all
+GLM-4-MoE / 4.5     sigmoid + ``e_score_correction_bias`` -> aux-loss-free routing (expert bias), first k dense;
+                    ``n_shared_experts`` -> an ungated shared expert; ``partial_rotary_factor`` -> ``rotary_percent``;
+                    ``attention_bias`` -> ``add_qkv_bias``; ``use_qk_norm`` -> per-head QK norm;
+                    ``routed_scaling_factor`` -> ``moe_router_topk_scaling_factor``
 ==================  ===========================================================================================
 
-Refused in one line naming the feature: OLMoE (its QK-norm spans the whole projection; megatron-core's is per
-head), shared experts, QKV biases, partial rotary, group-limited routing, a routed scaling factor, sliding
-windows and rope scaling (moe-erc's config does not express them yet), and anything that is not one of these
-classes.
+Refused in one line naming the feature: output-projection biases, partial rotary outside GLM, group-limited
+routing, sliding windows, rope scaling, MLA (DeepSeek), gpt-oss (the config
+keys exist, docs/architectures.md; their mappings do not yet), and anything that is not one of these classes.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ from moe_erc.errors import ConfigError, UserError
 from moe_erc.model.hf_mapping import hf_to_megatron
 from moe_erc.outputs import check_output_dir, staged_directory
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe")
 DENSE = ("llama", "mistral", "qwen2", "qwen3")  # upcycled (--upcycle)
+# Classes whose attention biases are on Q, K and V only (model.add_qkv_bias): Qwen2 always, Qwen2-MoE's qkv_bias,
+# GLM-4-MoE's attention_bias.
+QKV_BIAS = ("qwen2", "qwen2_moe", "glm4_moe")
 
 
 class ImportError_(UserError):
@@ -85,23 +93,22 @@ def unsupported(hf, upcycle: bool = False) -> list[str]:
         return [f"{type(hf).__name__} is a dense model; pass --upcycle --num-experts N --topk K to make it an MoE"]
     if upcycle and kind not in DENSE:
         return [f"--upcycle takes a dense model ({', '.join(DENSE)}), not model_type '{kind}'"]
-    if kind == "olmoe":
-        return ["OLMoE normalises Q and K over the whole projection (q_norm width hidden_size); megatron-core's "
-                "qk_layernorm normalises each head"]
     if kind not in SUPPORTED + DENSE:
         return [f"model_type '{kind}' (supported: {', '.join(SUPPORTED)}; dense, with --upcycle: {', '.join(DENSE)})"]
     out = []
     params = getattr(hf, "rope_parameters", None) or {}
     if params.get("rope_type", "default") != "default":
         out.append(f"rope scaling '{params.get('rope_type')}'")
-    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0 and kind != "glm4_moe":
         out.append(f"partial rotary (partial_rotary_factor={params.get('partial_rotary_factor')})")
     if _get(hf, "sliding_window") is not None and _get(hf, "use_sliding_window", default=True):
         out.append(f"sliding-window attention (sliding_window={hf.sliding_window})")
-    if _get(hf, "shared_expert_intermediate_size", default=0) or _get(hf, "n_shared_experts", default=0):
-        out.append("shared experts")
-    if _get(hf, "qkv_bias", "attention_bias", default=False) or kind == "qwen2":  # Qwen2 always has them
-        out.append("QKV biases")
+    if kind == "glm4_moe" and _get(hf, "n_shared_experts", default=0) and not hf.num_experts_per_tok:
+        out.append("shared experts without routed ones")
+    if kind not in QKV_BIAS and _get(hf, "attention_bias", default=False):
+        out.append("attention_bias (biases on Q, K, V and the output projection)")
+    if kind == "olmoe" and _get(hf, "clip_qkv") is not None:
+        out.append(f"OLMoE's clip_qkv={hf.clip_qkv}")
     if _get(hf, "mlp_bias", default=False):
         out.append("MLP biases")
     if _get(hf, "hidden_act", default="silu") != "silu":
@@ -109,10 +116,6 @@ def unsupported(hf, upcycle: bool = False) -> list[str]:
     if kind == "glm4_moe":
         if _get(hf, "n_group", default=1) != 1 or _get(hf, "topk_group", default=1) != 1:
             out.append("group-limited routing (n_group / topk_group)")
-        if float(_get(hf, "routed_scaling_factor", default=1.0)) != 1.0:
-            out.append(f"routed_scaling_factor={hf.routed_scaling_factor}")
-        if _get(hf, "use_qk_norm", default=False):
-            out.append("GLM's QK norm")
         if bool(_get(hf, "norm_topk_prob", default=True)) != (hf.num_experts_per_tok > 1):
             out.append("norm_topk_prob that differs from megatron's sigmoid top-K normalisation")
     if kind in ("qwen2_moe", "qwen3_moe") and _get(hf, "decoder_sparse_step", default=1) != 1:
@@ -141,9 +144,6 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
         raise ImportError_(f"cannot import {type(hf).__name__}: " + "; ".join(problems))
     kind, heads = hf.model_type, hf.num_attention_heads
     head_dim = _get(hf, "head_dim", default=hf.hidden_size // heads)
-    if head_dim * heads != hf.hidden_size:
-        raise ImportError_(f"cannot import: head_dim={head_dim} x {heads} heads != hidden_size={hf.hidden_size} "
-                           f"(megatron-core derives the head size from hidden_size)")
     experts = _get(hf, "num_local_experts", "num_experts", "n_routed_experts")
     expert_width = _get(hf, "moe_intermediate_size", default=hf.intermediate_size)
     pattern = layer_pattern(hf)
@@ -159,7 +159,15 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
         "seq_length": min(2048, hf.max_position_embeddings), "max_position_embeddings": hf.max_position_embeddings,
         "position_embedding_type": "rope", "rotary_base": int(_rope_theta(hf)), "normalization": "RMSNorm",
         "norm_epsilon": float(hf.rms_norm_eps), "swiglu": True, "add_bias_linear": False,
-        "qk_layernorm": kind in ("qwen3_moe", "qwen3"), "untie_embeddings_and_output_weights": not hf.tie_word_embeddings,
+        "qk_layernorm": kind in ("qwen3_moe", "qwen3", "olmoe") or (kind == "glm4_moe" and bool(
+            _get(hf, "use_qk_norm", default=False))),
+        "qk_layernorm_over": "projection" if kind == "olmoe" else "head",
+        "kv_channels": head_dim if head_dim * heads != hf.hidden_size else None,
+        "add_qkv_bias": kind == "qwen2" or (kind == "qwen2_moe" and bool(_get(hf, "qkv_bias", default=False)))
+                        or (kind == "glm4_moe" and bool(_get(hf, "attention_bias", default=False))),
+        "rotary_percent": float((getattr(hf, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0))
+                          if kind == "glm4_moe" else 1.0,
+        "untie_embeddings_and_output_weights": not hf.tie_word_embeddings,
         "make_vocab_size_divisible_by": 128, "vocab_size": hf.vocab_size, "moe_layer_freq": pattern if 0 in pattern else 1,
     }
     topk = upcycle["topk"] if upcycle is not None else hf.num_experts_per_tok
@@ -167,8 +175,14 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
     if kind == "glm4_moe":
         moe.update(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                    moe_router_load_balancing_type="none")
-    elif kind in ("qwen2_moe", "qwen3_moe") and not _get(hf, "norm_topk_prob", default=False):
+        if float(_get(hf, "routed_scaling_factor", default=1.0)) != 1.0:
+            moe["moe_router_topk_scaling_factor"] = float(hf.routed_scaling_factor)
+    elif kind in ("qwen2_moe", "qwen3_moe", "olmoe") and not _get(hf, "norm_topk_prob", default=False):
         moe["moe_router_pre_softmax"] = True
+    shared = (_get(hf, "shared_expert_intermediate_size", default=0) if kind == "qwen2_moe"
+              else _get(hf, "n_shared_experts", default=0) * expert_width if kind == "glm4_moe" else 0)
+    if shared and upcycle is None:
+        moe.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=kind == "qwen2_moe")
     cfg = {"model": model, "moe": moe}
     if tokenizer_path:
         cfg["tokenizer"] = {"path": tokenizer_path}
@@ -215,7 +229,7 @@ def import_checkpoint(hf_dir: str, out: str, config_out: str | None = None, toke
     padded = gpt.padded_vocab_size(hf.vocab_size, cfg)
     source_cfg = cfg if upcycle is None else Config.model_validate(
         {**raw, "model": {**raw["model"], "moe_layer_freq": [0] * hf.num_hidden_layers}})
-    weights = hf_to_megatron(source_cfg, hf_state, padded)
+    weights = hf_to_megatron(source_cfg, hf_state, padded, hf.model_type)
     with staged_directory(out_dir) as staging:  # a failure half-way leaves nothing behind under --out
         with parallel.one_process(cfg, "cpu"):
             net = gpt.build_model(source_cfg, gpt.transformer_config(source_cfg), padded)

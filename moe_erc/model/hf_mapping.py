@@ -1,11 +1,12 @@
 """megatron GPTModel <-> transformers weight names: one table that ``moe-erc export`` reads one way and
 ``moe-erc import`` the other (docs/export.md, docs/import.md).
 
-Most tensors are renamed one to one (:func:`renames`); three are fused in megatron and split in transformers:
+Most tensors are renamed one to one (:func:`renames`); four are fused in megatron and split in transformers:
 
 * QKV: megatron's ``linear_qkv`` holds, per query group, ``[q heads of the group; k; v]`` (``head_dim`` rows
   each); transformers has ``q_proj`` / ``k_proj`` / ``v_proj``.
-* a dense MLP's ``linear_fc1`` is ``[gate; up]``: ``gate_proj`` and ``up_proj``.
+* a dense MLP's (and a shared expert's) ``linear_fc1`` is ``[gate; up]``: ``gate_proj`` and ``up_proj``.
+* QKV biases (Qwen2-MoE) are fused like the weights: ``linear_qkv.bias`` per query group ``[q; k; v]``.
 * routed experts: transformers' MoE classes stack them (``experts.gate_up_proj [n, 2D, d]``, ``experts.down_proj
   [n, d, D]``, gate rows first as in megatron); megatron holds them stacked (``GroupedExperts``), one module per
   expert (``SequentialMLP``) or as transformer-engine's ``weight0 .. weight{n-1}``.
@@ -33,7 +34,7 @@ def layer_kinds(cfg: Config) -> list[bool]:
     return [i % freq == 0 for i in range(cfg.model.num_layers)]
 
 
-def renames(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
+def renames(cfg: Config, arch: str = "") -> list[tuple[tuple[str, ...], str]]:
     """``((megatron name, alternatives...), transformers name)`` of every tensor copied as it is.
 
     The alternatives are the names transformer-engine's layer spec gives the same tensor (norms fused into the
@@ -49,22 +50,34 @@ def renames(cfg: Config) -> list[tuple[tuple[str, ...], str]]:
             ((f"{src}.pre_mlp_layernorm.weight", f"{src}.mlp.linear_fc1.layer_norm_weight"),
              f"{dst}.post_attention_layernorm.weight"),
         ]
-        if cfg.model.qk_layernorm:  # per-head RMSNorm on Q and K (Qwen3-MoE's q_norm / k_norm over head_dim)
+        if cfg.model.qk_layernorm:  # RMSNorm of Q and K: per head (Qwen3-MoE) or over the projection (OLMoE)
             table += [((f"{src}.self_attention.q_layernorm.weight",), f"{dst}.self_attn.q_norm.weight"),
                       ((f"{src}.self_attention.k_layernorm.weight",), f"{dst}.self_attn.k_norm.weight")]
         if is_moe:
             table.append(((f"{src}.mlp.router.weight",), f"{dst}.mlp.gate.weight"))
             if cfg.moe.moe_router_enable_expert_bias:  # aux-loss-free balancing = GLM-4-MoE's correction bias
                 table.append(((f"{src}.mlp.router.expert_bias",), f"{dst}.mlp.gate.e_score_correction_bias"))
+            if cfg.moe.moe_shared_expert_intermediate_size:
+                shared, gate = shared_expert_names(arch)
+                table.append(((f"{src}.mlp.shared_experts.linear_fc2.weight",), f"{dst}.mlp.{shared}.down_proj.weight"))
+                if cfg.moe.moe_shared_expert_gate:
+                    table.append(((f"{src}.mlp.shared_experts.gate_weight",), f"{dst}.mlp.{gate}.weight"))
         else:
             table.append(((f"{src}.mlp.linear_fc2.weight",), f"{dst}.mlp.down_proj.weight"))
     return table
 
 
 def _attention_shape(cfg: Config) -> tuple[int, int, int, int]:
+    """(heads, query groups, head size, hidden size)."""
     m = cfg.model
     heads = m.num_attention_heads
-    return heads, m.num_query_groups or heads, m.hidden_size // heads, m.hidden_size
+    return heads, m.num_query_groups or heads, m.kv_channels or m.hidden_size // heads, m.hidden_size
+
+
+def shared_expert_names(arch: str) -> tuple[str, str]:
+    """(the shared expert's module name, its gate's) in transformers' ``arch``: Qwen2-MoE has one gated shared
+    expert, GLM-4.5 and DeepSeek ``shared_experts`` without a gate."""
+    return ("shared_expert", "shared_expert_gate") if arch == "qwen2_moe" else ("shared_experts", "")
 
 
 def _first(state: dict, names: tuple[str, ...]) -> torch.Tensor:
@@ -87,12 +100,12 @@ def _experts(state: dict, prefix: str, n: int) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(fc1), torch.stack(fc2)
 
 
-def megatron_to_hf(cfg: Config, state: dict, vocab_size: int) -> dict[str, torch.Tensor]:
+def megatron_to_hf(cfg: Config, state: dict, vocab_size: int, arch: str = "") -> dict[str, torch.Tensor]:
     """megatron GPTModel state (one process, any expert module) -> transformers state (in-memory names), the
     vocabulary cut to ``vocab_size`` rows. Tensors a transformers class adds on its own (e.g. an always-built
     shared expert) are the caller's."""
     heads, groups, hd, d = _attention_shape(cfg)
-    out = {hf: _first(state, names) for names, hf in renames(cfg)}
+    out = {hf: _first(state, names) for names, hf in renames(cfg, arch)}
     out["model.embed_tokens.weight"] = state["embedding.word_embeddings.weight"][:vocab_size]
     if cfg.model.untie_embeddings_and_output_weights:
         out["lm_head.weight"] = state["output_layer.weight"][:vocab_size]
@@ -102,16 +115,25 @@ def megatron_to_hf(cfg: Config, state: dict, vocab_size: int) -> dict[str, torch
         out[f"{dst}.self_attn.q_proj.weight"] = qkv[:, : heads // groups].reshape(heads * hd, d)
         out[f"{dst}.self_attn.k_proj.weight"] = qkv[:, -2].reshape(groups * hd, d)
         out[f"{dst}.self_attn.v_proj.weight"] = qkv[:, -1].reshape(groups * hd, d)
+        if cfg.model.add_qkv_bias:
+            bias = state[f"{src}.self_attention.linear_qkv.bias"].view(groups, heads // groups + 2, hd)
+            out[f"{dst}.self_attn.q_proj.bias"] = bias[:, : heads // groups].reshape(heads * hd)
+            out[f"{dst}.self_attn.k_proj.bias"] = bias[:, -2].reshape(groups * hd)
+            out[f"{dst}.self_attn.v_proj.bias"] = bias[:, -1].reshape(groups * hd)
         if is_moe:
             gate_up, down = _experts(state, f"{src}.mlp.experts", cfg.moe.num_experts)
             out[f"{dst}.mlp.experts.gate_up_proj"], out[f"{dst}.mlp.experts.down_proj"] = gate_up, down
+            if cfg.moe.moe_shared_expert_intermediate_size:
+                shared = shared_expert_names(arch)[0]
+                gate, up = state[f"{src}.mlp.shared_experts.linear_fc1.weight"].chunk(2, dim=0)
+                out[f"{dst}.mlp.{shared}.gate_proj.weight"], out[f"{dst}.mlp.{shared}.up_proj.weight"] = gate, up
         else:
             gate, up = state[f"{src}.mlp.linear_fc1.weight"].chunk(2, dim=0)
             out[f"{dst}.mlp.gate_proj.weight"], out[f"{dst}.mlp.up_proj.weight"] = gate, up
     return out
 
 
-def hf_to_megatron(cfg: Config, hf_state: dict, padded_vocab: int) -> dict[str, torch.Tensor]:
+def hf_to_megatron(cfg: Config, hf_state: dict, padded_vocab: int, arch: str = "") -> dict[str, torch.Tensor]:
     """transformers in-memory state (``model.state_dict()``) -> megatron GPTModel state of ``cfg`` (one process,
     the local spec's names, the expert module ``moe.moe_grouped_gemm`` picks); the vocabulary zero-padded to
     ``padded_vocab`` rows. The inverse of :func:`megatron_to_hf`."""
@@ -120,7 +142,7 @@ def hf_to_megatron(cfg: Config, hf_state: dict, padded_vocab: int) -> dict[str, 
     def vocab(t):
         return torch.cat([t, t.new_zeros(padded_vocab - t.shape[0], t.shape[1])]) if t.shape[0] < padded_vocab else t
 
-    out = {names[0]: hf_state[hf] for names, hf in renames(cfg)}
+    out = {names[0]: hf_state[hf] for names, hf in renames(cfg, arch)}
     out["embedding.word_embeddings.weight"] = vocab(hf_state["model.embed_tokens.weight"])
     if cfg.model.untie_embeddings_and_output_weights:
         out["output_layer.weight"] = vocab(hf_state["lm_head.weight"])
@@ -130,6 +152,15 @@ def hf_to_megatron(cfg: Config, hf_state: dict, padded_vocab: int) -> dict[str, 
         k = hf_state[f"{src}.self_attn.k_proj.weight"].view(groups, 1, hd, d)
         v = hf_state[f"{src}.self_attn.v_proj.weight"].view(groups, 1, hd, d)
         out[f"{dst}.self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, d)
+        if cfg.model.add_qkv_bias:
+            qb = hf_state[f"{src}.self_attn.q_proj.bias"].view(groups, heads // groups, hd)
+            kb = hf_state[f"{src}.self_attn.k_proj.bias"].view(groups, 1, hd)
+            vb = hf_state[f"{src}.self_attn.v_proj.bias"].view(groups, 1, hd)
+            out[f"{dst}.self_attention.linear_qkv.bias"] = torch.cat([qb, kb, vb], dim=1).reshape(-1)
+        if is_moe and cfg.moe.moe_shared_expert_intermediate_size:
+            shared = shared_expert_names(arch)[0]
+            out[f"{dst}.mlp.shared_experts.linear_fc1.weight"] = torch.cat(
+                [hf_state[f"{src}.mlp.{shared}.gate_proj.weight"], hf_state[f"{src}.mlp.{shared}.up_proj.weight"]])
         if is_moe:
             gate_up, down = hf_state[f"{src}.mlp.experts.gate_up_proj"], hf_state[f"{src}.mlp.experts.down_proj"]
             if cfg.moe.moe_grouped_gemm:

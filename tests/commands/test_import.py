@@ -40,11 +40,18 @@ def hf_model(kind: str, out: Path, tokenizer: str | None):
             attention_bias=False, rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
                                                    "partial_rotary_factor": 1.0}),
         "olmoe": lambda: transformers.OlmoeConfig(**common, intermediate_size=64, num_experts=4),
+        # the class defaults kept, only widths and counts shrunk: a gated shared expert and QKV biases (Qwen2-MoE),
+        # partial rotary 0.5, QKV biases, per-head QK norm, 1 shared expert, routed scaling 2.5 (GLM-4.5)
+        "qwen2_moe_shared": lambda: transformers.Qwen2MoeConfig(**common, **dense, num_experts=4,
+                                                                shared_expert_intermediate_size=96),
+        "glm45": lambda: transformers.Glm4MoeConfig(**common, **dense, n_routed_experts=4, n_shared_experts=1,
+                                                    n_group=1, topk_group=1, first_k_dense_replace=1,
+                                                    attention_bias=True, use_qk_norm=True),
     }[kind]()
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms and GLM's correction bias away from their constant initial values
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if "norm" in name or "correction_bias" in name:
+            if "norm" in name or "correction_bias" in name or name.endswith(".bias"):
                 tensor.add_(torch.randn_like(tensor) * 0.1)
     model.save_pretrained(str(out))
     if tokenizer:
@@ -60,7 +67,9 @@ def ours(checkpoint: Path) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("kind, arch", [("mixtral", "MixtralForCausalLM"), ("qwen2_moe", "Qwen2MoeForCausalLM"),
-                                        ("qwen3_moe", "Qwen3MoeForCausalLM"), ("glm4_moe", "Glm4MoeForCausalLM")])
+                                        ("qwen3_moe", "Qwen3MoeForCausalLM"), ("glm4_moe", "Glm4MoeForCausalLM"),
+                                        ("olmoe", "OlmoeForCausalLM"), ("qwen2_moe_shared", "Qwen2MoeForCausalLM"),
+                                        ("glm45", "Glm4MoeForCausalLM")])
 def test_an_import_computes_the_hf_logits_exports_back_to_the_same_tensors_and_loads_in_any_layout(
         tiny_corpus, tmp_path, kind, arch):
     from safetensors.torch import load_file
@@ -79,10 +88,10 @@ def test_an_import_computes_the_hf_logits_exports_back_to_the_same_tensors_and_l
     before, after = load_file(tmp_path / "hf" / "model.safetensors"), load_file(tmp_path / "back" / "model.safetensors")
     assert set(before) == set(after)
     for name, tensor in before.items():
-        # Qwen2-MoE builds a zero-width shared expert whose gate multiplies zeros: no function, exported as 0
-        if "shared_expert_gate" not in name:
+        # Qwen2-MoE without a shared expert builds a zero-width one whose gate multiplies zeros: exported as 0
+        if kind != "qwen2_moe" or "shared_expert_gate" not in name:
             assert torch.equal(tensor, after[name]), name
-    if kind not in ("qwen3_moe", "glm4_moe"):  # the layouts of the two richest mappings (suite time)
+    if kind not in ("qwen3_moe", "glm45", "olmoe", "qwen2_moe_shared"):  # the richest mappings (suite time)
         return
     # The same weights in other layouts: the step-0 validation loss of one process, EP=2 and TP=2 agree.
     valid = {}
@@ -127,8 +136,11 @@ def _valid_loss_at_0(run: Path) -> float:
 def test_what_is_not_an_importable_checkpoint_is_refused_in_one_line_and_nothing_is_written(tiny_corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     cases = {"empty": "is not a Hugging Face checkpoint (no config.json)",
-             "olmoe": "OLMoE normalises Q and K over the whole projection"}
-    hf_model("olmoe", tmp_path / "olmoe", None)
+             "deepseek": "model_type 'deepseek_v3'"}
+    import transformers
+
+    transformers.DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  n_routed_experts=4, num_experts_per_tok=2).save_pretrained(str(tmp_path / "deepseek"))
     hf_model("mixtral", tmp_path / "small-vocab", f"{tiny_corpus}.tokenizer.json")
     cfg = (tmp_path / "small-vocab" / "config.json")
     cfg.write_text(cfg.read_text().replace(f'"vocab_size": {VOCAB}', '"vocab_size": 400'))
