@@ -23,6 +23,9 @@ sigmoid + expert bias (aux-loss-free)    Glm4MoeForCausalLM    ``e_score_correct
 (+ an ungated shared expert, partial                           ``first_k_dense_replace``, ``n_shared_experts``,
 rotary, QKV biases, per-head QK norm,                          ``partial_rotary_factor``, ``attention_bias``,
 routed scaling: GLM-4.5)                                       ``use_qk_norm``, ``routed_scaling_factor``
+the same with multi-latent attention     DeepseekV3ForCausalLM  ``q_lora_rank``, ``kv_lora_rank``, head sizes,
+(+ group-limited routing, MTP dropped)                         ``rope_interleave`` (megatron's RoPE pairs),
+                                                               ``n_group`` / ``topk_group``
 =======================================  ===================  ==========================================
 
 Anything else (AoE, K-Means, LayerNorm, linear biases, a capacity factor, and the architecture features whose
@@ -55,7 +58,8 @@ class ExportError(UserError):
 
 
 def architecture(cfg: Config) -> str:
-    """``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe`` or ``glm4_moe`` for this run's routing and features;
+    """``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``glm4_moe`` or ``deepseek_v3`` for this run's routing
+    and features;
     :class:`ExportError` otherwise."""
     from moe_erc.config import router_pre_softmax
     from moe_erc.model.flops import expert_width
@@ -72,13 +76,23 @@ def architecture(cfg: Config) -> str:
     if m.add_bias_linear:
         missing.append("model.add_bias_linear=true (no linear biases in the MoE classes)")
     sigmoid = moe.moe_router_score_function == "sigmoid"
-    features = {"model.multi_latent_attention": m.multi_latent_attention, "model.mtp_num_layers": m.mtp_num_layers,
+    mla = m.multi_latent_attention
+    if mla and not (sigmoid and moe.moe_router_enable_expert_bias and m.qk_layernorm):
+        missing.append("multi-latent attention without sigmoid routing with expert bias and the latent norms "
+                       "(DeepSeek-V3's class has all three)")
+    if mla and m.rope_type != "rope":
+        missing.append(f"model.rope_type={m.rope_type} (yarn's transformers mapping is not written yet)")
+    groups = moe.moe_router_num_groups
+    if groups is not None and not (mla and moe.moe_router_topk == 2 * moe.moe_router_group_topk):
+        missing.append("group-limited routing outside DeepSeek-V3 with top-K = 2 x groups kept (transformers scores "
+                       "a group by its top 2 experts)")
+    features = {"model.mtp_num_layers (outside DeepSeek-V3, whose transformers class drops MTP)":
+                    m.mtp_num_layers and not mla,
                 "model.window_size": m.window_size is not None, "model.softmax_type": m.softmax_type != "vanilla",
                 "model.activation": m.activation not in (None, "silu"),
                 "model.activation_func_clamp_value": m.activation_func_clamp_value is not None,
                 "model.glu_linear_offset": m.glu_linear_offset != 0.0,
                 "model.rotary_percent (outside GLM-4-MoE's sigmoid routing)": m.rotary_percent != 1.0 and not sigmoid,
-                "moe.moe_router_num_groups": moe.moe_router_num_groups is not None,
                 "moe.moe_router_topk_scaling_factor (outside GLM-4-MoE's sigmoid routing)":
                     moe.moe_router_topk_scaling_factor is not None and not sigmoid}
     missing += [f"{key} (its transformers mapping is not written yet)" for key, on in features.items() if on]
@@ -102,6 +116,8 @@ def architecture(cfg: Config) -> str:
         missing.append("dense layers after MoE layers with sigmoid routing (Glm4Moe: only the first k dense)")
     if missing:
         raise ExportError("cannot export to transformers: " + "; ".join(missing))
+    if mla:
+        return "deepseek_v3"
     if sigmoid:
         return "glm4_moe"
     if m.qk_layernorm and m.qk_layernorm_over == "projection":  # RMSNorm of the whole Q and K projections
@@ -157,6 +173,17 @@ def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
             shared_expert_intermediate_size=shared, norm_topk_prob=not router_pre_softmax(cfg), qkv_bias=m.add_qkv_bias,
             decoder_sparse_step=1, mlp_only_layers=[i for i, is_moe in enumerate(kinds) if not is_moe],
             use_sliding_window=False, rope_parameters=rope)
+    if arch == "deepseek_v3":
+        common.pop("head_dim"), common.pop("num_key_value_heads")
+        return transformers.DeepseekV3Config(
+            **common, intermediate_size=dense_width, moe_intermediate_size=expert_width,
+            n_routed_experts=moe.num_experts, n_shared_experts=shared // expert_width,
+            n_group=moe.moe_router_num_groups or 1, topk_group=moe.moe_router_group_topk or 1,
+            norm_topk_prob=moe.moe_router_topk > 1, routed_scaling_factor=moe.moe_router_topk_scaling_factor or 1.0,
+            first_k_dense_replace=kinds.index(True) if any(kinds) else m.num_layers,
+            q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_head_dim,
+            qk_rope_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, rope_interleave=True,
+            attention_bias=False, rope_parameters=rope, num_key_value_heads=heads)
     return transformers.Glm4MoeConfig(
         **common, intermediate_size=dense_width, moe_intermediate_size=expert_width, n_routed_experts=moe.num_experts,
         n_shared_experts=shared // expert_width, n_group=1, topk_group=1, norm_topk_prob=moe.moe_router_topk > 1,
@@ -178,7 +205,7 @@ def convert(cfg: Config, state: dict, arch: str, vocab_size: int) -> dict[str, t
         bias = f"{dst}.mlp.gate.e_score_correction_bias"
         if bias in out:
             out[bias] = out[bias].float()  # transformers keeps the correction bias in fp32 whatever the dtype
-        if is_moe and arch in ("qwen2_moe", "glm4_moe") and not cfg.moe.moe_shared_expert_intermediate_size:
+        if is_moe and arch in ("qwen2_moe", "glm4_moe", "deepseek_v3") and not cfg.moe.moe_shared_expert_intermediate_size:
             # their always-built shared expert, made zero-width
             shared = "shared_expert" if arch == "qwen2_moe" else "shared_experts"
             for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):

@@ -20,10 +20,13 @@ GLM-4-MoE / 4.5     sigmoid + ``e_score_correction_bias`` -> aux-loss-free routi
                     ``n_shared_experts`` -> an ungated shared expert; ``partial_rotary_factor`` -> ``rotary_percent``;
                     ``attention_bias`` -> ``add_qkv_bias``; ``use_qk_norm`` -> per-head QK norm;
                     ``routed_scaling_factor`` -> ``moe_router_topk_scaling_factor``
+DeepSeek-V3         multi-latent attention (``q_lora_rank`` or none, ``kv_lora_rank``, head sizes; the RoPE rows of
+(Moonlight, Kimi)   ``rope_interleave: false`` reordered), sigmoid + correction bias, group-limited routing, shared experts,
+                    routed scaling, dense first layers (its MTP layer is not in transformers' model)
 ==================  ===========================================================================================
 
 Refused in one line naming the feature: output-projection biases, partial rotary outside GLM, group-limited
-routing, sliding windows, rope scaling, MLA (DeepSeek), gpt-oss (the config
+routing other than DeepSeek-V3's, sliding windows, rope scaling (yarn), DeepSeek-V2, gpt-oss (the config
 keys exist, docs/architectures.md; their mappings do not yet), and anything that is not one of these classes.
 """
 
@@ -40,7 +43,9 @@ from moe_erc.errors import ConfigError, UserError
 from moe_erc.model.hf_mapping import hf_to_megatron
 from moe_erc.outputs import check_output_dir, staged_directory
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe", "deepseek_v3")
+# Sigmoid routing with expert bias, dense first layers, ungated shared experts, routed scaling.
+SIGMOID = ("glm4_moe", "deepseek_v3")
 DENSE = ("llama", "mistral", "qwen2", "qwen3")  # upcycled (--upcycle)
 # Classes whose attention biases are on Q, K and V only (model.add_qkv_bias): Qwen2 always, Qwen2-MoE's qkv_bias,
 # GLM-4-MoE's attention_bias.
@@ -103,8 +108,6 @@ def unsupported(hf, upcycle: bool = False) -> list[str]:
         out.append(f"partial rotary (partial_rotary_factor={params.get('partial_rotary_factor')})")
     if _get(hf, "sliding_window") is not None and _get(hf, "use_sliding_window", default=True):
         out.append(f"sliding-window attention (sliding_window={hf.sliding_window})")
-    if kind == "glm4_moe" and _get(hf, "n_shared_experts", default=0) and not hf.num_experts_per_tok:
-        out.append("shared experts without routed ones")
     if kind not in QKV_BIAS and _get(hf, "attention_bias", default=False):
         out.append("attention_bias (biases on Q, K, V and the output projection)")
     if kind == "olmoe" and _get(hf, "clip_qkv") is not None:
@@ -113,9 +116,11 @@ def unsupported(hf, upcycle: bool = False) -> list[str]:
         out.append("MLP biases")
     if _get(hf, "hidden_act", default="silu") != "silu":
         out.append(f"hidden_act={hf.hidden_act} (SwiGLU experts use silu)")
-    if kind == "glm4_moe":
-        if _get(hf, "n_group", default=1) != 1 or _get(hf, "topk_group", default=1) != 1:
-            out.append("group-limited routing (n_group / topk_group)")
+    if kind in SIGMOID:
+        groups, group_topk = _get(hf, "n_group", default=1), _get(hf, "topk_group", default=1)
+        if groups != 1 and hf.num_experts_per_tok != 2 * group_topk:
+            out.append(f"group-limited routing with num_experts_per_tok={hf.num_experts_per_tok} != 2 x topk_group="
+                       f"{group_topk} (transformers scores a group by its top-2 experts, megatron by its top-K/groups)")
         if bool(_get(hf, "norm_topk_prob", default=True)) != (hf.num_experts_per_tok > 1):
             out.append("norm_topk_prob that differs from megatron's sigmoid top-K normalisation")
     if kind in ("qwen2_moe", "qwen3_moe") and _get(hf, "decoder_sparse_step", default=1) != 1:
@@ -128,7 +133,7 @@ def layer_pattern(hf) -> list[int]:
     n = hf.num_hidden_layers
     if hf.model_type in DENSE:
         return [0] * n
-    if hf.model_type == "glm4_moe":
+    if hf.model_type in SIGMOID:
         return [0 if i < hf.first_k_dense_replace else 1 for i in range(n)]
     if hf.model_type in ("qwen2_moe", "qwen3_moe"):
         dense = set(_get(hf, "mlp_only_layers", default=[]) or [])
@@ -162,7 +167,7 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
         "qk_layernorm": kind in ("qwen3_moe", "qwen3", "olmoe") or (kind == "glm4_moe" and bool(
             _get(hf, "use_qk_norm", default=False))),
         "qk_layernorm_over": "projection" if kind == "olmoe" else "head",
-        "kv_channels": head_dim if head_dim * heads != hf.hidden_size else None,
+        "kv_channels": head_dim if head_dim * heads != hf.hidden_size and kind != "deepseek_v3" else None,
         "add_qkv_bias": kind == "qwen2" or (kind == "qwen2_moe" and bool(_get(hf, "qkv_bias", default=False)))
                         or (kind == "glm4_moe" and bool(_get(hf, "attention_bias", default=False))),
         "rotary_percent": float((getattr(hf, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0))
@@ -170,17 +175,23 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
         "untie_embeddings_and_output_weights": not hf.tie_word_embeddings,
         "make_vocab_size_divisible_by": 128, "vocab_size": hf.vocab_size, "moe_layer_freq": pattern if 0 in pattern else 1,
     }
+    if kind == "deepseek_v3":  # multi-latent attention; its KV latent (and Q latent) always normalised
+        model.update(multi_latent_attention=True, q_lora_rank=hf.q_lora_rank, kv_lora_rank=hf.kv_lora_rank,
+                     qk_head_dim=hf.qk_nope_head_dim, qk_pos_emb_head_dim=hf.qk_rope_head_dim,
+                     v_head_dim=hf.v_head_dim, qk_layernorm=True, num_query_groups=None)
     topk = upcycle["topk"] if upcycle is not None else hf.num_experts_per_tok
     moe = {"num_experts": experts, "moe_router_topk": topk, "moe_ffn_hidden_size": expert_width, "router": "topk"}
-    if kind == "glm4_moe":
+    if kind in SIGMOID:
         moe.update(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True,
                    moe_router_load_balancing_type="none")
         if float(_get(hf, "routed_scaling_factor", default=1.0)) != 1.0:
             moe["moe_router_topk_scaling_factor"] = float(hf.routed_scaling_factor)
+        if _get(hf, "n_group", default=1) != 1:
+            moe.update(moe_router_num_groups=hf.n_group, moe_router_group_topk=hf.topk_group)
     elif kind in ("qwen2_moe", "qwen3_moe", "olmoe") and not _get(hf, "norm_topk_prob", default=False):
         moe["moe_router_pre_softmax"] = True
     shared = (_get(hf, "shared_expert_intermediate_size", default=0) if kind == "qwen2_moe"
-              else _get(hf, "n_shared_experts", default=0) * expert_width if kind == "glm4_moe" else 0)
+              else _get(hf, "n_shared_experts", default=0) * expert_width if kind in SIGMOID else 0)
     if shared and upcycle is None:
         moe.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=kind == "qwen2_moe")
     cfg = {"model": model, "moe": moe}
@@ -229,7 +240,8 @@ def import_checkpoint(hf_dir: str, out: str, config_out: str | None = None, toke
     padded = gpt.padded_vocab_size(hf.vocab_size, cfg)
     source_cfg = cfg if upcycle is None else Config.model_validate(
         {**raw, "model": {**raw["model"], "moe_layer_freq": [0] * hf.num_hidden_layers}})
-    weights = hf_to_megatron(source_cfg, hf_state, padded, hf.model_type)
+    weights = hf_to_megatron(source_cfg, hf_state, padded, hf.model_type,
+                             rope_interleaved=bool(_get(hf, "rope_interleave", default=False)))
     with staged_directory(out_dir) as staging:  # a failure half-way leaves nothing behind under --out
         with parallel.one_process(cfg, "cpu"):
             net = gpt.build_model(source_cfg, gpt.transformer_config(source_cfg), padded)

@@ -7,6 +7,8 @@ Most tensors are renamed one to one (:func:`renames`); four are fused in megatro
   each); transformers has ``q_proj`` / ``k_proj`` / ``v_proj``.
 * a dense MLP's (and a shared expert's) ``linear_fc1`` is ``[gate; up]``: ``gate_proj`` and ``up_proj``.
 * QKV biases (Qwen2-MoE) are fused like the weights: ``linear_qkv.bias`` per query group ``[q; k; v]``.
+* multi-latent attention (DeepSeek-V3): the projections are renamed; megatron rotates DeepSeek's interleaved RoPE
+  pairs, so only a checkpoint saved with ``rope_interleave: false`` has its RoPE rows reordered (:func:`mla_rope_rows`).
 * routed experts: transformers' MoE classes stack them (``experts.gate_up_proj [n, 2D, d]``, ``experts.down_proj
   [n, d, D]``, gate rows first as in megatron); megatron holds them stacked (``GroupedExperts``), one module per
   expert (``SequentialMLP``) or as transformer-engine's ``weight0 .. weight{n-1}``.
@@ -50,7 +52,16 @@ def renames(cfg: Config, arch: str = "") -> list[tuple[tuple[str, ...], str]]:
             ((f"{src}.pre_mlp_layernorm.weight", f"{src}.mlp.linear_fc1.layer_norm_weight"),
              f"{dst}.post_attention_layernorm.weight"),
         ]
-        if cfg.model.qk_layernorm:  # RMSNorm of Q and K: per head (Qwen3-MoE) or over the projection (OLMoE)
+        if cfg.model.multi_latent_attention:  # DeepSeek's names; the RoPE rows are permuted apart (mla_rope_rows)
+            if cfg.model.q_lora_rank:
+                table += [((f"{src}.self_attention.linear_q_down_proj.weight",), f"{dst}.self_attn.q_a_proj.weight"),
+                          ((f"{src}.self_attention.q_layernorm.weight",
+                            f"{src}.self_attention.linear_q_up_proj.layer_norm_weight"),
+                           f"{dst}.self_attn.q_a_layernorm.weight")]
+            table += [((f"{src}.self_attention.kv_layernorm.weight",
+                        f"{src}.self_attention.linear_kv_up_proj.layer_norm_weight"), f"{dst}.self_attn.kv_a_layernorm.weight"),
+                      ((f"{src}.self_attention.linear_kv_up_proj.weight",), f"{dst}.self_attn.kv_b_proj.weight")]
+        elif cfg.model.qk_layernorm:  # RMSNorm of Q and K: per head (Qwen3-MoE) or over the projection (OLMoE)
             table += [((f"{src}.self_attention.q_layernorm.weight",), f"{dst}.self_attn.q_norm.weight"),
                       ((f"{src}.self_attention.k_layernorm.weight",), f"{dst}.self_attn.k_norm.weight")]
         if is_moe:
@@ -78,6 +89,38 @@ def shared_expert_names(arch: str) -> tuple[str, str]:
     """(the shared expert's module name, its gate's) in transformers' ``arch``: Qwen2-MoE has one gated shared
     expert, GLM-4.5 and DeepSeek ``shared_experts`` without a gate."""
     return ("shared_expert", "shared_expert_gate") if arch == "qwen2_moe" else ("shared_experts", "")
+
+
+def mla_rope_rows(cfg: Config, weight: torch.Tensor, kind: str) -> torch.Tensor:
+    """The rows of an MLA projection with their RoPE part reordered from halves ``(x0, x2, ...; x1, x3, ...)`` to
+    DeepSeek's interleaved pairs ``(x0, x1), (x2, x3), ...``, the layout megatron's MLA rotates
+    (``mla_rotary_interleaved``) and transformers' ``rope_interleave: true`` reads; for checkpoints saved with
+    ``rope_interleave: false``. ``kind``: ``q`` (``[heads * (qk_head_dim + rope), in]``, the last ``rope`` rows of each
+    head) or ``kv`` (``[kv_lora_rank + rope, d]``, the last ``rope`` rows)."""
+    m = cfg.model
+    rope = m.qk_pos_emb_head_dim
+    order = torch.argsort(torch.cat([torch.arange(0, rope, 2), torch.arange(1, rope, 2)]))
+    if kind == "kv":
+        return torch.cat([weight[: m.kv_lora_rank], weight[m.kv_lora_rank:][order]])
+    heads = weight.view(m.num_attention_heads, m.qk_head_dim + rope, -1)
+    return torch.cat([heads[:, : m.qk_head_dim], heads[:, m.qk_head_dim:][:, order]], dim=1).reshape(weight.shape)
+
+
+def _mla_to_hf(cfg: Config, state: dict, src: str, dst: str, out: dict) -> None:
+    """megatron's MLA projections as DeepSeek-V3's (``rope_interleave: true``: the same row order)."""
+    q = "linear_q_up_proj" if cfg.model.q_lora_rank else "linear_q_proj"
+    out[f"{dst}.self_attn.{'q_b_proj' if cfg.model.q_lora_rank else 'q_proj'}.weight"] = \
+        state[f"{src}.self_attention.{q}.weight"]
+    out[f"{dst}.self_attn.kv_a_proj_with_mqa.weight"] = state[f"{src}.self_attention.linear_kv_down_proj.weight"]
+
+
+def _mla_from_hf(cfg: Config, hf_state: dict, src: str, dst: str, out: dict, interleaved: bool) -> None:
+    q = "q_b_proj" if cfg.model.q_lora_rank else "q_proj"
+    weight, kv = hf_state[f"{src}.self_attn.{q}.weight"], hf_state[f"{src}.self_attn.kv_a_proj_with_mqa.weight"]
+    if not interleaved:
+        weight, kv = mla_rope_rows(cfg, weight, "q"), mla_rope_rows(cfg, kv, "kv")
+    out[f"{dst}.self_attention.{'linear_q_up_proj' if cfg.model.q_lora_rank else 'linear_q_proj'}.weight"] = weight
+    out[f"{dst}.self_attention.linear_kv_down_proj.weight"] = kv
 
 
 def _first(state: dict, names: tuple[str, ...]) -> torch.Tensor:
@@ -111,10 +154,13 @@ def megatron_to_hf(cfg: Config, state: dict, vocab_size: int, arch: str = "") ->
         out["lm_head.weight"] = state["output_layer.weight"][:vocab_size]
     for i, is_moe in enumerate(layer_kinds(cfg)):
         src, dst = f"decoder.layers.{i}", f"model.layers.{i}"
-        qkv = state[f"{src}.self_attention.linear_qkv.weight"].view(groups, heads // groups + 2, hd, d)
-        out[f"{dst}.self_attn.q_proj.weight"] = qkv[:, : heads // groups].reshape(heads * hd, d)
-        out[f"{dst}.self_attn.k_proj.weight"] = qkv[:, -2].reshape(groups * hd, d)
-        out[f"{dst}.self_attn.v_proj.weight"] = qkv[:, -1].reshape(groups * hd, d)
+        if cfg.model.multi_latent_attention:
+            _mla_to_hf(cfg, state, src, dst, out)
+        else:
+            qkv = state[f"{src}.self_attention.linear_qkv.weight"].view(groups, heads // groups + 2, hd, d)
+            out[f"{dst}.self_attn.q_proj.weight"] = qkv[:, : heads // groups].reshape(heads * hd, d)
+            out[f"{dst}.self_attn.k_proj.weight"] = qkv[:, -2].reshape(groups * hd, d)
+            out[f"{dst}.self_attn.v_proj.weight"] = qkv[:, -1].reshape(groups * hd, d)
         if cfg.model.add_qkv_bias:
             bias = state[f"{src}.self_attention.linear_qkv.bias"].view(groups, heads // groups + 2, hd)
             out[f"{dst}.self_attn.q_proj.bias"] = bias[:, : heads // groups].reshape(heads * hd)
@@ -133,10 +179,12 @@ def megatron_to_hf(cfg: Config, state: dict, vocab_size: int, arch: str = "") ->
     return out
 
 
-def hf_to_megatron(cfg: Config, hf_state: dict, padded_vocab: int, arch: str = "") -> dict[str, torch.Tensor]:
+def hf_to_megatron(cfg: Config, hf_state: dict, padded_vocab: int, arch: str = "",
+                   rope_interleaved: bool = False) -> dict[str, torch.Tensor]:
     """transformers in-memory state (``model.state_dict()``) -> megatron GPTModel state of ``cfg`` (one process,
     the local spec's names, the expert module ``moe.moe_grouped_gemm`` picks); the vocabulary zero-padded to
-    ``padded_vocab`` rows. The inverse of :func:`megatron_to_hf`."""
+    ``padded_vocab`` rows; ``rope_interleaved``: an MLA checkpoint's RoPE rows are DeepSeek's pairs (else halves). The inverse
+    of :func:`megatron_to_hf`."""
     heads, groups, hd, d = _attention_shape(cfg)
 
     def vocab(t):
@@ -148,10 +196,13 @@ def hf_to_megatron(cfg: Config, hf_state: dict, padded_vocab: int, arch: str = "
         out["output_layer.weight"] = vocab(hf_state["lm_head.weight"])
     for i, is_moe in enumerate(layer_kinds(cfg)):
         src, dst = f"model.layers.{i}", f"decoder.layers.{i}"
-        q = hf_state[f"{src}.self_attn.q_proj.weight"].view(groups, heads // groups, hd, d)
-        k = hf_state[f"{src}.self_attn.k_proj.weight"].view(groups, 1, hd, d)
-        v = hf_state[f"{src}.self_attn.v_proj.weight"].view(groups, 1, hd, d)
-        out[f"{dst}.self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, d)
+        if cfg.model.multi_latent_attention:
+            _mla_from_hf(cfg, hf_state, src, dst, out, rope_interleaved)
+        else:
+            q = hf_state[f"{src}.self_attn.q_proj.weight"].view(groups, heads // groups, hd, d)
+            k = hf_state[f"{src}.self_attn.k_proj.weight"].view(groups, 1, hd, d)
+            v = hf_state[f"{src}.self_attn.v_proj.weight"].view(groups, 1, hd, d)
+            out[f"{dst}.self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, d)
         if cfg.model.add_qkv_bias:
             qb = hf_state[f"{src}.self_attn.q_proj.bias"].view(groups, heads // groups, hd)
             kb = hf_state[f"{src}.self_attn.k_proj.bias"].view(groups, 1, hd)

@@ -44,6 +44,16 @@ def hf_model(kind: str, out: Path, tokenizer: str | None):
         # partial rotary 0.5, QKV biases, per-head QK norm, 1 shared expert, routed scaling 2.5 (GLM-4.5)
         "qwen2_moe_shared": lambda: transformers.Qwen2MoeConfig(**common, **dense, num_experts=4,
                                                                 shared_expert_intermediate_size=96),
+        # DeepSeek-V3's class defaults (Q LoRA, interleaved RoPE rows, group-limited routing, a shared expert, routed
+        # scaling 2.5, dense first layer), widths shrunk; and Moonlight's uncompressed Q
+        "deepseek_v3": lambda: transformers.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4, "head_dim": 8}, **dense, n_routed_experts=4, n_group=2, topk_group=1,
+            first_k_dense_replace=1, q_lora_rank=24, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=16),
+        "moonlight": lambda: transformers.DeepseekV3Config(
+            **{**common, "num_key_value_heads": 4, "head_dim": 8}, **dense, n_routed_experts=4, n_shared_experts=2, n_group=1,
+            topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
+            qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.446),
         "glm45": lambda: transformers.Glm4MoeConfig(**common, **dense, n_routed_experts=4, n_shared_experts=1,
                                                     n_group=1, topk_group=1, first_k_dense_replace=1,
                                                     attention_bias=True, use_qk_norm=True),
@@ -69,7 +79,8 @@ def ours(checkpoint: Path) -> torch.Tensor:
 @pytest.mark.parametrize("kind, arch", [("mixtral", "MixtralForCausalLM"), ("qwen2_moe", "Qwen2MoeForCausalLM"),
                                         ("qwen3_moe", "Qwen3MoeForCausalLM"), ("glm4_moe", "Glm4MoeForCausalLM"),
                                         ("olmoe", "OlmoeForCausalLM"), ("qwen2_moe_shared", "Qwen2MoeForCausalLM"),
-                                        ("glm45", "Glm4MoeForCausalLM")])
+                                        ("glm45", "Glm4MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"),
+                                        ("moonlight", "DeepseekV3ForCausalLM")])
 def test_an_import_computes_the_hf_logits_exports_back_to_the_same_tensors_and_loads_in_any_layout(
         tiny_corpus, tmp_path, kind, arch):
     from safetensors.torch import load_file
@@ -91,7 +102,7 @@ def test_an_import_computes_the_hf_logits_exports_back_to_the_same_tensors_and_l
         # Qwen2-MoE without a shared expert builds a zero-width one whose gate multiplies zeros: exported as 0
         if kind != "qwen2_moe" or "shared_expert_gate" not in name:
             assert torch.equal(tensor, after[name]), name
-    if kind not in ("qwen3_moe", "glm45", "olmoe", "qwen2_moe_shared"):  # the richest mappings (suite time)
+    if kind not in ("qwen3_moe", "glm45", "olmoe", "qwen2_moe_shared", "deepseek_v3"):  # the richest mappings
         return
     # The same weights in other layouts: the step-0 validation loss of one process, EP=2 and TP=2 agree.
     valid = {}
@@ -104,12 +115,14 @@ def test_an_import_computes_the_hf_logits_exports_back_to_the_same_tensors_and_l
     assert valid["tp2"] == pytest.approx(valid["one"], rel=2e-5), valid
 
 
-def test_an_imported_model_trains_with_erc_and_its_export_computes_the_trained_logits(tiny_corpus, tmp_path):
-    """Qwen3-MoE (QK-norm, a dense first layer, GQA): 20 steps with ERC on train from the import; the export of
-    the result loads in transformers and computes the trained checkpoint's logits."""
+@pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v3"])
+def test_an_imported_model_trains_with_erc_and_its_export_computes_the_trained_logits(tiny_corpus, tmp_path, kind):
+    """Qwen3-MoE (QK-norm, a dense first layer, GQA) and DeepSeek-V3 (MLA, group routing, shared expert, expert
+    bias): 20 steps with ERC on train from the import; the export of the result loads in transformers and computes
+    the trained checkpoint's logits."""
     from transformers import AutoModelForCausalLM
 
-    hf_model("qwen3_moe", tmp_path / "hf", f"{tiny_corpus}.tokenizer.json")
+    hf_model(kind, tmp_path / "hf", f"{tiny_corpus}.tokenizer.json")
     cli("import", str(tmp_path / "hf"), "--out", str(tmp_path / "ck"), "--config-out", str(tmp_path / "q.yaml"),
         expect_success=True)
     run = tmp_path / "run"
@@ -136,11 +149,11 @@ def _valid_loss_at_0(run: Path) -> float:
 def test_what_is_not_an_importable_checkpoint_is_refused_in_one_line_and_nothing_is_written(tiny_corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     cases = {"empty": "is not a Hugging Face checkpoint (no config.json)",
-             "deepseek": "model_type 'deepseek_v3'"}
+             "gpt-oss": "model_type 'gpt_oss'"}
     import transformers
 
-    transformers.DeepseekV3Config(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
-                                  n_routed_experts=4, num_experts_per_tok=2).save_pretrained(str(tmp_path / "deepseek"))
+    transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              num_local_experts=4, num_experts_per_tok=2).save_pretrained(str(tmp_path / "gpt-oss"))
     hf_model("mixtral", tmp_path / "small-vocab", f"{tiny_corpus}.tokenizer.json")
     cfg = (tmp_path / "small-vocab" / "config.json")
     cfg.write_text(cfg.read_text().replace(f'"vocab_size": {VOCAB}', '"vocab_size": 400'))
