@@ -58,7 +58,7 @@ class ExportError(UserError):
 
 
 def architecture(cfg: Config) -> str:
-    """``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``glm4_moe`` or ``deepseek_v3`` for this run's routing
+    """``mixtral``, ``qwen2_moe``, ``qwen3_moe``, ``olmoe``, ``glm4_moe``, ``deepseek_v2`` or ``deepseek_v3`` for this run's routing
     and features;
     :class:`ExportError` otherwise."""
     from moe_erc.config import router_pre_softmax
@@ -77,15 +77,18 @@ def architecture(cfg: Config) -> str:
         missing.append("model.add_bias_linear=true (no linear biases in the MoE classes)")
     sigmoid = moe.moe_router_score_function == "sigmoid"
     mla = m.multi_latent_attention
-    if mla and not (sigmoid and moe.moe_router_enable_expert_bias and m.qk_layernorm):
-        missing.append("multi-latent attention without sigmoid routing with expert bias and the latent norms "
-                       "(DeepSeek-V3's class has all three)")
+    v2 = mla and not sigmoid and router_pre_softmax(cfg) and not moe.moe_router_enable_expert_bias
+    if mla and not m.qk_layernorm:
+        missing.append("multi-latent attention without the latent norms (model.qk_layernorm; DeepSeek always has them)")
+    if mla and not v2 and not (sigmoid and moe.moe_router_enable_expert_bias):
+        missing.append("multi-latent attention with routing other than DeepSeek-V3's (sigmoid + expert bias) or "
+                       "DeepSeek-V2's (softmax over all experts, moe.moe_router_pre_softmax)")
     if mla and m.rope_type != "rope":
         missing.append(f"model.rope_type={m.rope_type} (yarn's transformers mapping is not written yet)")
     groups = moe.moe_router_num_groups
-    if groups is not None and not (mla and moe.moe_router_topk == 2 * moe.moe_router_group_topk):
-        missing.append("group-limited routing outside DeepSeek-V3 with top-K = 2 x groups kept (transformers scores "
-                       "a group by its top 2 experts)")
+    if groups is not None and not (mla and moe.moe_router_topk == (1 if v2 else 2) * moe.moe_router_group_topk):
+        missing.append("group-limited routing other than DeepSeek-V3's (top-K = 2 x groups kept) or DeepSeek-V2's "
+                       "(top-K = groups kept): transformers scores a group by its top 2 / best expert")
     features = {"model.mtp_num_layers (outside DeepSeek-V3, whose transformers class drops MTP)":
                     m.mtp_num_layers and not mla,
                 "model.window_size": m.window_size is not None, "model.softmax_type": m.softmax_type != "vanilla",
@@ -93,13 +96,14 @@ def architecture(cfg: Config) -> str:
                 "model.activation_func_clamp_value": m.activation_func_clamp_value is not None,
                 "model.glu_linear_offset": m.glu_linear_offset != 0.0,
                 "model.rotary_percent (outside GLM-4-MoE's sigmoid routing)": m.rotary_percent != 1.0 and not sigmoid,
-                "moe.moe_router_topk_scaling_factor (outside GLM-4-MoE's sigmoid routing)":
-                    moe.moe_router_topk_scaling_factor is not None and not sigmoid}
+                "moe.moe_router_topk_scaling_factor (outside GLM-4-MoE's and DeepSeek's routing)":
+                    moe.moe_router_topk_scaling_factor is not None and not sigmoid and not v2}
     missing += [f"{key} (its transformers mapping is not written yet)" for key, on in features.items() if on]
     shared, gated = moe.moe_shared_expert_intermediate_size, moe.moe_shared_expert_gate
-    if shared and not gated and (moe.moe_router_score_function != "sigmoid" or shared % expert_width(cfg)):
-        missing.append("an ungated shared expert needs sigmoid routing and a width that is a multiple of the expert "
-                       "width (GLM-4-MoE's n_shared_experts); a gated one is Qwen2-MoE's")
+    if shared and not gated and (not (sigmoid or mla) or shared % expert_width(cfg)):
+        missing.append("an ungated shared expert needs sigmoid routing or multi-latent attention (GLM-4-MoE's, "
+                       "DeepSeek's n_shared_experts) and a width that is a multiple of the expert width; a gated one "
+                       "is Qwen2-MoE's")
     if gated and moe.moe_router_score_function == "sigmoid":
         missing.append("a gated shared expert with sigmoid routing (Qwen2-MoE's shared expert gate, GLM-4-MoE's routing)")
     if m.qk_layernorm_over == "projection" and (shared or m.add_qkv_bias or sigmoid or not all(layer_kinds(cfg))):
@@ -117,7 +121,7 @@ def architecture(cfg: Config) -> str:
     if missing:
         raise ExportError("cannot export to transformers: " + "; ".join(missing))
     if mla:
-        return "deepseek_v3"
+        return "deepseek_v2" if v2 else "deepseek_v3"
     if sigmoid:
         return "glm4_moe"
     if m.qk_layernorm and m.qk_layernorm_over == "projection":  # RMSNorm of the whole Q and K projections
@@ -173,6 +177,19 @@ def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
             shared_expert_intermediate_size=shared, norm_topk_prob=not router_pre_softmax(cfg), qkv_bias=m.add_qkv_bias,
             decoder_sparse_step=1, mlp_only_layers=[i for i, is_moe in enumerate(kinds) if not is_moe],
             use_sliding_window=False, rope_parameters=rope)
+    if arch == "deepseek_v2":
+        common.pop("head_dim"), common.pop("num_key_value_heads")
+        grouped = (moe.moe_router_num_groups or 1) > 1
+        return transformers.DeepseekV2Config(
+            **common, intermediate_size=dense_width, moe_intermediate_size=expert_width,
+            n_routed_experts=moe.num_experts, n_shared_experts=shared // expert_width,
+            topk_method="group_limited_greedy" if grouped else "greedy",
+            n_group=moe.moe_router_num_groups if grouped else None, topk_group=moe.moe_router_group_topk if grouped else None,
+            norm_topk_prob=False, routed_scaling_factor=moe.moe_router_topk_scaling_factor or 1.0,
+            first_k_dense_replace=kinds.index(True) if any(kinds) else m.num_layers,
+            q_lora_rank=m.q_lora_rank, kv_lora_rank=m.kv_lora_rank, qk_nope_head_dim=m.qk_head_dim,
+            qk_rope_head_dim=m.qk_pos_emb_head_dim, v_head_dim=m.v_head_dim, attention_bias=False,
+            rope_parameters=rope, num_key_value_heads=heads)
     if arch == "deepseek_v3":
         common.pop("head_dim"), common.pop("num_key_value_heads")
         return transformers.DeepseekV3Config(
@@ -205,7 +222,8 @@ def convert(cfg: Config, state: dict, arch: str, vocab_size: int) -> dict[str, t
         bias = f"{dst}.mlp.gate.e_score_correction_bias"
         if bias in out:
             out[bias] = out[bias].float()  # transformers keeps the correction bias in fp32 whatever the dtype
-        if is_moe and arch in ("qwen2_moe", "glm4_moe", "deepseek_v3") and not cfg.moe.moe_shared_expert_intermediate_size:
+        if is_moe and arch in ("qwen2_moe", "glm4_moe", "deepseek_v2", "deepseek_v3") and \
+                not cfg.moe.moe_shared_expert_intermediate_size:
             # their always-built shared expert, made zero-width
             shared = "shared_expert" if arch == "qwen2_moe" else "shared_experts"
             for proj, shape in (("gate_proj", (0, d)), ("up_proj", (0, d)), ("down_proj", (d, 0))):

@@ -20,13 +20,15 @@ GLM-4-MoE / 4.5     sigmoid + ``e_score_correction_bias`` -> aux-loss-free routi
                     ``n_shared_experts`` -> an ungated shared expert; ``partial_rotary_factor`` -> ``rotary_percent``;
                     ``attention_bias`` -> ``add_qkv_bias``; ``use_qk_norm`` -> per-head QK norm;
                     ``routed_scaling_factor`` -> ``moe_router_topk_scaling_factor``
+DeepSeek-V2 (Lite)  as DeepSeek-V3 with softmax over all experts, no renormalisation (``moe_router_pre_softmax``),
+                    routed scaling, ``group_limited_greedy`` when top-K = ``topk_group``
 DeepSeek-V3         multi-latent attention (``q_lora_rank`` or none, ``kv_lora_rank``, head sizes; the RoPE rows of
 (Moonlight, Kimi)   ``rope_interleave: false`` reordered), sigmoid + correction bias, group-limited routing, shared experts,
                     routed scaling, dense first layers (its MTP layer is not in transformers' model)
 ==================  ===========================================================================================
 
 Refused in one line naming the feature: output-projection biases, partial rotary outside GLM, group-limited
-routing other than DeepSeek-V3's, sliding windows, rope scaling (yarn), DeepSeek-V2, gpt-oss (the config
+routing other than DeepSeek's, sliding windows, rope scaling (yarn), gpt-oss (the config
 keys exist, docs/architectures.md; their mappings do not yet), and anything that is not one of these classes.
 """
 
@@ -43,9 +45,10 @@ from moe_erc.errors import ConfigError, UserError
 from moe_erc.model.hf_mapping import hf_to_megatron
 from moe_erc.outputs import check_output_dir, staged_directory
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe", "deepseek_v3")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 # Sigmoid routing with expert bias, dense first layers, ungated shared experts, routed scaling.
 SIGMOID = ("glm4_moe", "deepseek_v3")
+MLA = ("deepseek_v2", "deepseek_v3")  # multi-latent attention, DeepSeek's names
 DENSE = ("llama", "mistral", "qwen2", "qwen3")  # upcycled (--upcycle)
 # Classes whose attention biases are on Q, K and V only (model.add_qkv_bias): Qwen2 always, Qwen2-MoE's qkv_bias,
 # GLM-4-MoE's attention_bias.
@@ -123,6 +126,12 @@ def unsupported(hf, upcycle: bool = False) -> list[str]:
                        f"{group_topk} (transformers scores a group by its top-2 experts, megatron by its top-K/groups)")
         if bool(_get(hf, "norm_topk_prob", default=True)) != (hf.num_experts_per_tok > 1):
             out.append("norm_topk_prob that differs from megatron's sigmoid top-K normalisation")
+    if kind == "deepseek_v2" and _get(hf, "topk_method", default="greedy") == "group_limited_greedy" and \
+            (_get(hf, "n_group", default=1) or 1) > 1 and hf.num_experts_per_tok != hf.topk_group:
+        out.append(f"group_limited_greedy with num_experts_per_tok={hf.num_experts_per_tok} != topk_group="
+                   f"{hf.topk_group} (transformers scores a group by its best expert, megatron by its top-K/groups)")
+    if kind == "deepseek_v2" and _get(hf, "topk_method", default="greedy") not in ("greedy", "group_limited_greedy"):
+        out.append(f"topk_method={hf.topk_method}")
     if kind in ("qwen2_moe", "qwen3_moe") and _get(hf, "decoder_sparse_step", default=1) != 1:
         out.append(f"decoder_sparse_step={hf.decoder_sparse_step} (use mlp_only_layers)")
     return out
@@ -133,8 +142,8 @@ def layer_pattern(hf) -> list[int]:
     n = hf.num_hidden_layers
     if hf.model_type in DENSE:
         return [0] * n
-    if hf.model_type in SIGMOID:
-        return [0 if i < hf.first_k_dense_replace else 1 for i in range(n)]
+    if hf.model_type in SIGMOID + MLA:
+        return [0 if i < (hf.first_k_dense_replace or 0) else 1 for i in range(n)]
     if hf.model_type in ("qwen2_moe", "qwen3_moe"):
         dense = set(_get(hf, "mlp_only_layers", default=[]) or [])
         return [0 if i in dense else 1 for i in range(n)]
@@ -167,7 +176,7 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
         "qk_layernorm": kind in ("qwen3_moe", "qwen3", "olmoe") or (kind == "glm4_moe" and bool(
             _get(hf, "use_qk_norm", default=False))),
         "qk_layernorm_over": "projection" if kind == "olmoe" else "head",
-        "kv_channels": head_dim if head_dim * heads != hf.hidden_size and kind != "deepseek_v3" else None,
+        "kv_channels": head_dim if head_dim * heads != hf.hidden_size and kind not in MLA else None,
         "add_qkv_bias": kind == "qwen2" or (kind == "qwen2_moe" and bool(_get(hf, "qkv_bias", default=False)))
                         or (kind == "glm4_moe" and bool(_get(hf, "attention_bias", default=False))),
         "rotary_percent": float((getattr(hf, "rope_parameters", None) or {}).get("partial_rotary_factor", 1.0))
@@ -175,7 +184,7 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
         "untie_embeddings_and_output_weights": not hf.tie_word_embeddings,
         "make_vocab_size_divisible_by": 128, "vocab_size": hf.vocab_size, "moe_layer_freq": pattern if 0 in pattern else 1,
     }
-    if kind == "deepseek_v3":  # multi-latent attention; its KV latent (and Q latent) always normalised
+    if kind in MLA:  # multi-latent attention; its KV latent (and Q latent) always normalised
         model.update(multi_latent_attention=True, q_lora_rank=hf.q_lora_rank, kv_lora_rank=hf.kv_lora_rank,
                      qk_head_dim=hf.qk_nope_head_dim, qk_pos_emb_head_dim=hf.qk_rope_head_dim,
                      v_head_dim=hf.v_head_dim, qk_layernorm=True, num_query_groups=None)
@@ -190,8 +199,14 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
             moe.update(moe_router_num_groups=hf.n_group, moe_router_group_topk=hf.topk_group)
     elif kind in ("qwen2_moe", "qwen3_moe", "olmoe") and not _get(hf, "norm_topk_prob", default=False):
         moe["moe_router_pre_softmax"] = True
+    elif kind == "deepseek_v2":  # softmax over all experts, top-K, not renormalised, scaled
+        moe["moe_router_pre_softmax"] = True
+        if float(_get(hf, "routed_scaling_factor", default=1.0)) != 1.0:
+            moe["moe_router_topk_scaling_factor"] = float(hf.routed_scaling_factor)
+        if hf.topk_method == "group_limited_greedy" and (hf.n_group or 1) > 1:
+            moe.update(moe_router_num_groups=hf.n_group, moe_router_group_topk=hf.topk_group)
     shared = (_get(hf, "shared_expert_intermediate_size", default=0) if kind == "qwen2_moe"
-              else _get(hf, "n_shared_experts", default=0) * expert_width if kind in SIGMOID else 0)
+              else (_get(hf, "n_shared_experts", default=0) or 0) * expert_width if kind in SIGMOID + MLA else 0)
     if shared and upcycle is None:
         moe.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=kind == "qwen2_moe")
     cfg = {"model": model, "moe": moe}
@@ -241,7 +256,8 @@ def import_checkpoint(hf_dir: str, out: str, config_out: str | None = None, toke
     source_cfg = cfg if upcycle is None else Config.model_validate(
         {**raw, "model": {**raw["model"], "moe_layer_freq": [0] * hf.num_hidden_layers}})
     weights = hf_to_megatron(source_cfg, hf_state, padded, hf.model_type,
-                             rope_interleaved=bool(_get(hf, "rope_interleave", default=False)))
+                             rope_interleaved=hf.model_type == "deepseek_v2"  # complex rotation of pairs
+                             or bool(_get(hf, "rope_interleave", default=False)))
     with staged_directory(out_dir) as staging:  # a failure half-way leaves nothing behind under --out
         with parallel.one_process(cfg, "cpu"):
             net = gpt.build_model(source_cfg, gpt.transformer_config(source_cfg), padded)

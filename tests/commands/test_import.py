@@ -54,6 +54,11 @@ def hf_model(kind: str, out: Path, tokenizer: str | None):
             **{**common, "num_key_value_heads": 4, "head_dim": 8}, **dense, n_routed_experts=4, n_shared_experts=2, n_group=1,
             topk_group=1, first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16,
             qk_rope_head_dim=8, v_head_dim=16, routed_scaling_factor=2.446),
+        # DeepSeek-V2-Lite's shape: uncompressed Q, 2 shared experts, softmax over all without renormalisation
+        "deepseek_v2_lite": lambda: transformers.DeepseekV2Config(
+            **{**common, "num_key_value_heads": 4, "head_dim": 8}, **dense, n_routed_experts=4, n_shared_experts=2,
+            first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
+            v_head_dim=16),
         "glm45": lambda: transformers.Glm4MoeConfig(**common, **dense, n_routed_experts=4, n_shared_experts=1,
                                                     n_group=1, topk_group=1, first_k_dense_replace=1,
                                                     attention_bias=True, use_qk_norm=True),
@@ -80,7 +85,8 @@ def ours(checkpoint: Path) -> torch.Tensor:
                                         ("qwen3_moe", "Qwen3MoeForCausalLM"), ("glm4_moe", "Glm4MoeForCausalLM"),
                                         ("olmoe", "OlmoeForCausalLM"), ("qwen2_moe_shared", "Qwen2MoeForCausalLM"),
                                         ("glm45", "Glm4MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"),
-                                        ("moonlight", "DeepseekV3ForCausalLM")])
+                                        ("moonlight", "DeepseekV3ForCausalLM"),
+                                        ("deepseek_v2_lite", "DeepseekV2ForCausalLM")])
 def test_an_import_computes_the_hf_logits_exports_back_to_the_same_tensors_and_loads_in_any_layout(
         tiny_corpus, tmp_path, kind, arch):
     from safetensors.torch import load_file
