@@ -110,6 +110,10 @@ def test_a_model_no_transformers_class_expresses_is_refused_in_one_line(tiny_cor
     assert not (tmp_path / "hf").exists()
 
 
+MLA = ["model.multi_latent_attention=true", "model.kv_lora_rank=16", "model.qk_head_dim=16",
+       "model.qk_pos_emb_head_dim=8", "model.v_head_dim=16", "model.qk_layernorm=true"]
+
+
 @pytest.mark.parametrize("overrides, arch_or_message", [
     ([], "mixtral"),
     (["moe.moe_router_pre_softmax=true"], "qwen2_moe"),
@@ -121,6 +125,15 @@ def test_a_model_no_transformers_class_expresses_is_refused_in_one_line(tiny_cor
     (["model.normalization=LayerNorm", "model.add_bias_linear=true"], "model.normalization=LayerNorm (the MoE classes "
      "use RMSNorm); model.add_bias_linear=true"),
     (["moe.moe_expert_capacity_factor=1.0"], "moe.moe_expert_capacity_factor (token dropping)"),
+    (["model.qk_layernorm=true", "model.qk_layernorm_over=projection"], "olmoe"),
+    (["moe.moe_shared_expert_intermediate_size=64", "moe.moe_shared_expert_gate=true", "model.add_qkv_bias=true"],
+     "qwen2_moe"),
+    ([*MLA, "moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true",
+      "moe.moe_shared_expert_intermediate_size=1024", "model.mtp_num_layers=1"], "deepseek_v3"),
+    ([*MLA, "moe.moe_router_pre_softmax=true"], "deepseek_v2"),
+    (MLA, "multi-latent attention with routing other than DeepSeek-V3's"),
+    (["model.window_size=[7,0]"], "model.window_size (its transformers mapping is not written yet)"),
+    (["model.mtp_num_layers=1"], "model.mtp_num_layers (outside DeepSeek-V3"),
     (["moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true", "model.num_layers=3",
       "model.moe_layer_freq=[1,0,1]"], "dense layers after MoE layers with sigmoid routing"),
 ])
@@ -129,7 +142,7 @@ def test_the_architecture_follows_the_routing(overrides, arch_or_message):
     from moe_erc.commands.export import ExportError, architecture
 
     cfg = load_config(None, overrides)
-    if arch_or_message in ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe"):
+    if arch_or_message in ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe", "deepseek_v2", "deepseek_v3"):
         assert architecture(cfg) == arch_or_message
     else:
         with pytest.raises(ExportError, match="cannot export to transformers") as err:

@@ -166,3 +166,15 @@ def test_the_deepseek_style_model_with_erc_matches_one_process(deepseek_referenc
         assert got[step] == pytest.approx(expected[step], rel=2e-5), (step, expected, got)
     mtp_one, mtp_two = records(one)[-1]["mtp_loss"], records(two)[-1]["mtp_loss"]
     assert mtp_two == pytest.approx(mtp_one, rel=2e-5)
+
+
+def test_the_gpt_oss_style_config_trains_with_erc_on_megatrons_attention(tiny_corpus, tmp_path):
+    """configs/tiny-gpt-oss.yaml (windows every other layer, sinks, biases everywhere, the clamped GLU) at the tests'
+    shapes: 2 steps with ERC, on megatron's unfused attention, named in the banner; the sinks learn."""
+    run = tmp_path / "run"
+    proc = train(run, tiny_corpus, "training.train_iters=2", "model.kv_channels=32", "model.window_size=[7,0]",
+                 config=REPO / "configs" / "tiny-gpt-oss.yaml")
+    assert "attention megatron unfused" in proc.stdout
+    rows = records(run)
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["lm_loss"]) for r in rows)
+    assert len(rows[-1]["erc_loss_per_layer"]) == 2 and all(v >= 0 for v in rows[-1]["erc_loss_per_layer"])

@@ -28,6 +28,12 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec 
 def decoder_block_spec(cfg: Config, tf_config):
     """megatron's decoder block spec for ``tf_config`` with moe-erc's modules swapped in."""
     use_te = have_transformer_engine()
+    if cfg.model.add_bias_linear and not use_te and not cfg.moe.moe_grouped_gemm and cfg.moe.router == "topk":
+        from moe_erc.errors import ConfigError
+
+        raise ConfigError("model.add_bias_linear=true with MoE layers needs transformer-engine: megatron-core 0.19.2's "
+                          "SequentialMLP adds expert biases in place on an autograd view and fails in backward; "
+                          "use model.add_qkv_bias for attention biases")
     block_spec = get_gpt_decoder_block_spec(tf_config, use_transformer_engine=use_te)
     router, experts = routers.router_and_experts(cfg)
     if experts is None and cfg.moe.moe_grouped_gemm and not use_te:
