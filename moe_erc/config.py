@@ -74,8 +74,8 @@ class ModelConfig(_Group):
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
-    # Sliding-window attention: [left, right] tokens each query sees (causal: [W, 0]). window_attn_skip_freq:
-    # which layers keep full attention: every N-th layer (gpt-oss alternates: 2), or a 0/1 list (1 = full).
+    # Sliding-window attention: [left, right] tokens each query sees (causal: [W, 0]). window_attn_skip_freq
+    # (megatron's): every N-th layer keeps full attention (gpt-oss alternates: 2), or a 0/1 list (1 = windowed).
     window_size: Optional[list[int]] = None
     window_attn_skip_freq: Optional[Union[int, list[int]]] = None
     # Attention sinks: the vanilla softmax, off-by-one (an extra zero logit), learnable (a logit per head: gpt-oss).
@@ -548,6 +548,14 @@ def _param_class_problems(cfg: Config):
         elif wd > 0 and o.weight_decay == 0:
             yield (f"optimizer.param_weight_decay.{cls}={wd} needs optimizer.weight_decay > 0 (per-class decay is "
                    f"megatron's multiple of it)")
+
+
+def layer_kinds(cfg: Config) -> list[bool]:
+    """``True`` for each MoE layer (megatron's ``moe_layer_freq``: an int k = every k-th layer, or a 0/1 list)."""
+    freq = cfg.model.moe_layer_freq
+    if isinstance(freq, list):
+        return [bool(f) for f in freq]
+    return [i % freq == 0 for i in range(cfg.model.num_layers)]
 
 
 def layer_rows(cfg: Config) -> int:

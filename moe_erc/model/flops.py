@@ -47,16 +47,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moe_erc.config import Config
+from moe_erc.config import Config, layer_kinds
 
 ERC_GEMMS = 4  # forward, recompute in backward, gradient into the proxies, gradient into the gate weights
 
 
 def num_moe_layers(cfg: Config) -> int:
-    freq = cfg.model.moe_layer_freq
-    if isinstance(freq, list):
-        return sum(freq)
-    return sum(1 for i in range(cfg.model.num_layers) if i % freq == 0)
+    return sum(layer_kinds(cfg))
 
 
 def expert_width(cfg: Config) -> int:
@@ -163,22 +160,13 @@ class StepFlops:
         return self.erc_forward_per_gpu / self.expert_forward_per_gpu if self.erc_forward_per_gpu else 0.0
 
 
-def _layer_kinds(cfg: Config) -> list[bool]:
-    freq = cfg.model.moe_layer_freq
-    return [bool(f) for f in freq] if isinstance(freq, list) else [i % freq == 0 for i in range(cfg.model.num_layers)]
-
-
 def _windowed(cfg: Config, layer: int) -> bool:
-    """Layer ``layer`` (0-based) attends over ``model.window_size`` (megatron's ``is_layer_window_attention``)."""
-    m = cfg.model
-    if m.window_size is None:
+    """Layer ``layer`` (0-based) attends over ``model.window_size``: megatron's own rule."""
+    if cfg.model.window_size is None:
         return False
-    skip = m.window_attn_skip_freq
-    if skip is None:
-        return True
-    if isinstance(skip, list):
-        return not skip[layer]
-    return (layer + 1) % skip != 0
+    from megatron.core.transformer.utils import is_layer_window_attention
+
+    return is_layer_window_attention(tuple(cfg.model.window_size), cfg.model.window_attn_skip_freq, layer + 1)
 
 
 def attention_forward(cfg: Config) -> tuple[float, list[float]]:
@@ -243,7 +231,7 @@ def step_flops(cfg: Config, world_size: int, vocab_size: int | None = None) -> S
         "output": 3 * 2 * d * vocab,
     }
     if m.mtp_num_layers:  # each: [embedding; hidden] -> d, one layer shaped as the decoder's last, the output GEMM
-        last_is_moe = _layer_kinds(cfg)[-1]
+        last_is_moe = layer_kinds(cfg)[-1]
         mlp_fwd = (router_fwd + experts_fwd + recompute_fwd + shared_fwd) if last_is_moe else dense_fwd
         per_token["mtp"] = 3 * m.mtp_num_layers * (2 * 2 * d * d + projections + scores[-1] + mlp_fwd + 2 * d * vocab)
         notes.append(f"MTP: {m.mtp_num_layers} layer(s), each a projection 2d -> d, a layer like the decoder's "

@@ -20,20 +20,12 @@ from __future__ import annotations
 
 import torch
 
-from moe_erc.config import Config
+from moe_erc.config import Config, layer_kinds
 from moe_erc.errors import UserError
 
 
 class MappingError(UserError):
     """A state dict lacks a tensor the mapping needs."""
-
-
-def layer_kinds(cfg: Config) -> list[bool]:
-    """``True`` for each MoE layer (megatron's ``moe_layer_freq``: an int k = every k-th layer, or 0/1 list)."""
-    freq = cfg.model.moe_layer_freq
-    if isinstance(freq, list):
-        return [bool(f) for f in freq]
-    return [i % freq == 0 for i in range(cfg.model.num_layers)]
 
 
 def renames(cfg: Config, arch: str = "") -> list[tuple[tuple[str, ...], str]]:

@@ -106,3 +106,22 @@ def test_aoe_and_kmeans_scoring_costs_by_hand():
     assert moe(aoe) / moe(topk) == pytest.approx(
         (2 * n * d * r + K * 2 * D_aoe * (r + 2 * d)) / (2 * n * d + K * 6 * d * 768), rel=1e-12)
     assert 2.4 < moe(aoe) / moe(topk) < 2.7  # AoE's "about 2.5x" the experts' FLOPs (docs/baselines.md)
+
+
+def test_attention_flops_follow_mla_head_sizes_and_the_window_pattern():
+    """Per token and layer forward: MLA's projections and scores by hand; a window counts min(s, W + 1) keys in
+    the layers megatron windows (window_attn_skip_freq: every 2nd layer full; a list: 1 = windowed)."""
+    from moe_erc.config import load_config
+    from moe_erc.model.flops import attention_forward
+
+    base = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=32"]
+    mla = load_config(None, base + ["model.multi_latent_attention=true", "model.kv_lora_rank=16", "model.q_lora_rank=24",
+                                    "model.qk_head_dim=16", "model.qk_pos_emb_head_dim=8", "model.v_head_dim=16",
+                                    "model.qk_layernorm=true"])
+    projections, scores = attention_forward(mla)
+    assert projections == 2 * (64 * 24 + 24 * 4 * 24 + 64 * (16 + 8) + 16 * 4 * (16 + 16) + 4 * 16 * 64)
+    assert scores == [2 * 32 * 4 * (24 + 16)] * 2
+    for skip, windowed in (("2", [True, False]), ("[0,1]", [False, True])):
+        cfg = load_config(None, base + ["model.window_size=[7,0]", f"model.window_attn_skip_freq={skip}"])
+        _, scores = attention_forward(cfg)
+        assert scores == [2 * (8 if w else 32) * 4 * 32 for w in windowed]
