@@ -66,7 +66,8 @@ class ModelConfig(_Group):
     qk_head_dim: int = 128
     qk_pos_emb_head_dim: int = 64
     v_head_dim: int = 128
-    # MLA's RoPE scaling (megatron's MLATransformerConfig): rope (none) or yarn with these settings.
+    # RoPE scaling: rope (none) or yarn with these settings (megatron's MLATransformerConfig fields with
+    # multi-latent attention, GPTModel's yarn position embedding otherwise: gpt-oss).
     rope_type: Literal["rope", "yarn"] = "rope"
     rotary_scaling_factor: float = 1.0
     original_max_position_embeddings: Optional[int] = None  # yarn: the pre-training context; default seq_length
@@ -74,6 +75,9 @@ class ModelConfig(_Group):
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+    # yarn: round the correction range to whole dimensions (megatron's default; transformers' ``truncate``;
+    # gpt-oss: false). Standard attention only: megatron's MLA always rounds.
+    yarn_correction_range_round_to_int: bool = True
     # Sliding-window attention: [left, right] tokens each query sees (causal: [W, 0]). window_attn_skip_freq
     # (megatron's): every N-th layer keeps full attention (gpt-oss alternates: 2), or a 0/1 list (1 = windowed).
     window_size: Optional[list[int]] = None
@@ -457,8 +461,11 @@ def _architecture_problems(cfg: Config):
         if m.add_qkv_bias or m.kv_channels is not None or m.num_query_groups not in (None, m.num_attention_heads):
             yield ("model.multi_latent_attention=true has its own projections and head sizes: model.add_qkv_bias, "
                    "model.kv_channels and model.num_query_groups do not apply (remove them)")
-    elif m.rope_type != "rope":
-        yield f"model.rope_type={m.rope_type} applies to multi-latent attention only (model.multi_latent_attention=true)"
+        if not m.yarn_correction_range_round_to_int:
+            yield ("model.yarn_correction_range_round_to_int=false applies to standard attention: megatron's "
+                   "multi-latent attention always rounds the yarn correction range")
+    elif m.rope_type != "rope" and m.position_embedding_type != "rope":
+        yield f"model.rope_type={m.rope_type} scales RoPE: it needs model.position_embedding_type=rope"
     if m.rotary_scaling_factor <= 0:
         yield f"model.rotary_scaling_factor={m.rotary_scaling_factor} must be > 0"
     if m.window_size is not None and (len(m.window_size) != 2 or m.window_size[0] < 0 or m.window_size[1] < -1):

@@ -23,6 +23,9 @@ sigmoid + expert bias (aux-loss-free)    Glm4MoeForCausalLM    ``e_score_correct
 (+ an ungated shared expert, partial                           ``first_k_dense_replace``, ``n_shared_experts``,
 rotary, QKV biases, per-head QK norm,                          ``partial_rotary_factor``, ``attention_bias``,
 routed scaling: GLM-4.5)                                       ``use_qk_norm``, ``routed_scaling_factor``
+the clamped GLU (``quick_gelu``, clamp,   GptOssForCausalLM     ``swiglu_limit``, ``sinks``, ``layer_types``
+offset 1) with attention sinks (+ windows,                     + ``sliding_window``, yarn ``rope_parameters``,
+yarn, biases: gpt-oss)                                         biases (zeros where the run has none)
 the same with multi-latent attention     DeepseekV3ForCausalLM  ``q_lora_rank``, ``kv_lora_rank``, head sizes,
 (+ group-limited routing, MTP dropped)                         ``rope_interleave`` (megatron's RoPE pairs),
                                                                ``n_group`` / ``topk_group``
@@ -37,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 from pathlib import Path
 
@@ -73,9 +77,15 @@ def architecture(cfg: Config) -> str:
         missing.append(f"model.normalization={m.normalization} (the MoE classes use RMSNorm)")
     if not m.swiglu:
         missing.append("model.swiglu=false (the MoE classes use SwiGLU experts)")
-    if m.add_bias_linear:
-        missing.append("model.add_bias_linear=true (no linear biases in the MoE classes)")
     sigmoid = moe.moe_router_score_function == "sigmoid"
+    if _is_gpt_oss(cfg):
+        missing += _gpt_oss_problems(cfg)
+        if missing:
+            raise ExportError("cannot export to transformers: " + "; ".join(missing))
+        return "gpt_oss"
+    if m.add_bias_linear:
+        missing.append("model.add_bias_linear=true (linear biases outside gpt-oss's architecture: quick_gelu GLU "
+                       "and attention sinks)")
     mla = m.multi_latent_attention
     v2 = mla and not sigmoid and router_pre_softmax(cfg) and not moe.moe_router_enable_expert_bias
     if mla and not m.qk_layernorm:
@@ -136,6 +146,51 @@ def architecture(cfg: Config) -> str:
     return "mixtral"
 
 
+def _is_gpt_oss(cfg: Config) -> bool:
+    """gpt-oss's signature: its clamped quick_gelu GLU with attention sinks."""
+    return cfg.model.activation == "quick_gelu" and cfg.model.softmax_type == "learnable"
+
+
+def _gpt_oss_problems(cfg: Config) -> list[str]:
+    """What GptOss cannot express of this run (its routing, attention and MLP are fixed)."""
+    from moe_erc.config import router_pre_softmax
+
+    m, moe = cfg.model, cfg.moe
+    checks = {
+        "model.glu_linear_offset != 1 / no model.activation_func_clamp_value (gpt-oss: (clamp(up) + 1) * "
+        "quick_gelu(clamp(gate)))": m.glu_linear_offset != 1.0 or m.activation_func_clamp_value is None,
+        "sigmoid routing, expert bias or moe.moe_router_pre_softmax (gpt-oss: softmax over the top-K logits)":
+            moe.moe_router_score_function != "softmax" or moe.moe_router_enable_expert_bias or router_pre_softmax(cfg),
+        "shared experts, group routing or routed scaling": bool(moe.moe_shared_expert_intermediate_size) or
+            moe.moe_router_num_groups is not None or moe.moe_router_topk_scaling_factor is not None,
+        "dense layers (gpt-oss: every layer MoE)": not all(layer_kinds(cfg)),
+        "QK norm, multi-latent attention, partial rotary or MTP": m.qk_layernorm or m.multi_latent_attention or
+            m.rotary_percent != 1.0 or bool(m.mtp_num_layers),
+        "a window that looks ahead (model.window_size [left, 0] only)": m.window_size is not None and
+            m.window_size[1] != 0,
+        f"model.position_embedding_type={m.position_embedding_type} (gpt-oss: RoPE)": m.position_embedding_type != "rope",
+        "moe.moe_expert_capacity_factor (token dropping)": moe.moe_expert_capacity_factor is not None,
+    }
+    return [f"gpt-oss with {what}" for what, bad in checks.items() if bad]
+
+
+def _gpt_oss_rope(cfg: Config) -> dict:
+    """transformers' rope_parameters of this run: default, or yarn with megatron's attention factor written out."""
+    m = cfg.model
+    rope = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
+    if m.rope_type != "yarn":
+        return rope
+
+    def get_mscale(scale, mscale):
+        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+    return {"rope_type": "yarn", "rope_theta": float(m.rotary_base), "factor": m.rotary_scaling_factor,
+            "beta_fast": m.beta_fast, "beta_slow": m.beta_slow, "truncate": m.yarn_correction_range_round_to_int,
+            "original_max_position_embeddings": m.original_max_position_embeddings or m.seq_length,
+            "attention_factor": get_mscale(m.rotary_scaling_factor, m.mscale)
+                                / get_mscale(m.rotary_scaling_factor, m.mscale_all_dim)}
+
+
 def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
     """The transformers config of ``arch`` with this run's shapes."""
     import transformers
@@ -156,6 +211,16 @@ def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):
     rope = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
     expert_width = moe.moe_ffn_hidden_size or m.ffn_hidden_size or 4 * m.hidden_size
     dense_width = m.ffn_hidden_size or 4 * m.hidden_size
+    if arch == "gpt_oss":
+        from megatron.core.transformer.utils import is_layer_window_attention
+
+        window = tuple(m.window_size) if m.window_size is not None else None
+        types = ["sliding_attention" if is_layer_window_attention(window, m.window_attn_skip_freq, i + 1)
+                 else "full_attention" for i in range(m.num_layers)]
+        return transformers.GptOssConfig(
+            **common, intermediate_size=expert_width, num_local_experts=moe.num_experts, layer_types=types,
+            sliding_window=window[0] + 1 if window else None, swiglu_limit=m.activation_func_clamp_value,
+            attention_bias=True, router_aux_loss_coef=moe.moe_aux_loss_coeff, rope_parameters=_gpt_oss_rope(cfg))
     if arch == "mixtral":
         return transformers.MixtralConfig(**common, intermediate_size=expert_width, num_local_experts=moe.num_experts,
                                           router_jitter_noise=0.0, sliding_window=None, rope_parameters=rope)
@@ -217,6 +282,14 @@ def convert(cfg: Config, state: dict, arch: str, vocab_size: int) -> dict[str, t
     mapping (:func:`moe_erc.model.hf_mapping.megatron_to_hf`) plus what ``arch`` builds on its own."""
     out = megatron_to_hf(cfg, state, vocab_size, arch)
     d = cfg.model.hidden_size
+    if arch == "gpt_oss":  # its class always has attention and router biases: zeros where the run has none
+        heads, groups = cfg.model.num_attention_heads, cfg.model.num_query_groups or cfg.model.num_attention_heads
+        head = cfg.model.kv_channels or d // heads
+        sizes = {"q_proj": heads * head, "k_proj": groups * head, "v_proj": groups * head, "o_proj": d}
+        for i in range(cfg.model.num_layers):
+            for proj, size in sizes.items():
+                out.setdefault(f"model.layers.{i}.self_attn.{proj}.bias", torch.zeros(size))
+            out.setdefault(f"model.layers.{i}.mlp.router.bias", torch.zeros(cfg.moe.num_experts))
     for i, is_moe in enumerate(layer_kinds(cfg)):
         dst = f"model.layers.{i}"
         bias = f"{dst}.mlp.gate.e_score_correction_bias"

@@ -22,20 +22,25 @@ GLM-4-MoE / 4.5     sigmoid + ``e_score_correction_bias`` -> aux-loss-free routi
                     ``routed_scaling_factor`` -> ``moe_router_topk_scaling_factor``
 DeepSeek-V2 (Lite)  as DeepSeek-V3 with softmax over all experts, no renormalisation (``moe_router_pre_softmax``),
                     routed scaling, ``group_limited_greedy`` when top-K = ``topk_group``
+gpt-oss             attention sinks -> ``softmax_type: learnable``; ``layer_types`` + ``sliding_window`` W ->
+                    ``window_size [W-1, 0]`` + a 0/1 ``window_attn_skip_freq``; yarn (``truncate``) -> ``rope_type:
+                    yarn``; biases on every linear and the router -> ``add_bias_linear`` (grouped-GEMM experts);
+                    the clamped GLU -> ``quick_gelu`` + ``activation_func_clamp_value`` + ``glu_linear_offset: 1``
 DeepSeek-V3         multi-latent attention (``q_lora_rank`` or none, ``kv_lora_rank``, head sizes; the RoPE rows of
 (Moonlight, Kimi)   ``rope_interleave: false`` reordered), sigmoid + correction bias, group-limited routing, shared experts,
                     routed scaling, dense first layers (its MTP layer is not in transformers' model)
 ==================  ===========================================================================================
 
-Refused in one line naming the feature: output-projection biases, partial rotary outside GLM, group-limited
-routing other than DeepSeek's, sliding windows, rope scaling (yarn), gpt-oss (the config
-keys exist, docs/architectures.md; their mappings do not yet), and anything that is not one of these classes.
+Refused in one line naming the feature: output-projection biases and sliding windows outside gpt-oss, rope
+scaling outside gpt-oss's yarn, partial rotary outside GLM, group-limited routing other than DeepSeek's, and
+anything that is not one of these classes.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -45,7 +50,7 @@ from moe_erc.errors import ConfigError, UserError
 from moe_erc.model.hf_mapping import hf_to_megatron
 from moe_erc.outputs import check_output_dir, staged_directory
 
-SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe", "deepseek_v2", "deepseek_v3")
+SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 # Sigmoid routing with expert bias, dense first layers, ungated shared experts, routed scaling.
 SIGMOID = ("glm4_moe", "deepseek_v3")
 MLA = ("deepseek_v2", "deepseek_v3")  # multi-latent attention, DeepSeek's names
@@ -105,13 +110,13 @@ def unsupported(hf, upcycle: bool = False) -> list[str]:
         return [f"model_type '{kind}' (supported: {', '.join(SUPPORTED)}; dense, with --upcycle: {', '.join(DENSE)})"]
     out = []
     params = getattr(hf, "rope_parameters", None) or {}
-    if params.get("rope_type", "default") != "default":
+    if params.get("rope_type", "default") not in ("default", "yarn" if kind == "gpt_oss" else "default"):
         out.append(f"rope scaling '{params.get('rope_type')}'")
     if float(params.get("partial_rotary_factor", 1.0)) != 1.0 and kind != "glm4_moe":
         out.append(f"partial rotary (partial_rotary_factor={params.get('partial_rotary_factor')})")
-    if _get(hf, "sliding_window") is not None and _get(hf, "use_sliding_window", default=True):
+    if kind != "gpt_oss" and _get(hf, "sliding_window") is not None and _get(hf, "use_sliding_window", default=True):
         out.append(f"sliding-window attention (sliding_window={hf.sliding_window})")
-    if kind not in QKV_BIAS and _get(hf, "attention_bias", default=False):
+    if kind not in QKV_BIAS + ("gpt_oss",) and _get(hf, "attention_bias", default=False):
         out.append("attention_bias (biases on Q, K, V and the output projection)")
     if kind == "olmoe" and _get(hf, "clip_qkv") is not None:
         out.append(f"OLMoE's clip_qkv={hf.clip_qkv}")
@@ -132,6 +137,12 @@ def unsupported(hf, upcycle: bool = False) -> list[str]:
                    f"{hf.topk_group} (transformers scores a group by its best expert, megatron by its top-K/groups)")
     if kind == "deepseek_v2" and _get(hf, "topk_method", default="greedy") not in ("greedy", "group_limited_greedy"):
         out.append(f"topk_method={hf.topk_method}")
+    if kind == "gpt_oss":
+        if float(hf.swiglu_alpha) != 1.702:
+            out.append(f"swiglu_alpha={hf.swiglu_alpha} (megatron's quick_gelu is x * sigmoid(1.702 x))")
+        types = set(hf.layer_types or [])
+        if types - {"sliding_attention", "full_attention"}:
+            out.append(f"layer_types {sorted(types)}")
     if kind in ("qwen2_moe", "qwen3_moe") and _get(hf, "decoder_sparse_step", default=1) != 1:
         out.append(f"decoder_sparse_step={hf.decoder_sparse_step} (use mlp_only_layers)")
     return out
@@ -184,6 +195,8 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
         "untie_embeddings_and_output_weights": not hf.tie_word_embeddings,
         "make_vocab_size_divisible_by": 128, "vocab_size": hf.vocab_size, "moe_layer_freq": pattern if 0 in pattern else 1,
     }
+    if kind == "gpt_oss":
+        model.update(_gpt_oss_model(hf))
     if kind in MLA:  # multi-latent attention; its KV latent (and Q latent) always normalised
         model.update(multi_latent_attention=True, q_lora_rank=hf.q_lora_rank, kv_lora_rank=hf.kv_lora_rank,
                      qk_head_dim=hf.qk_nope_head_dim, qk_pos_emb_head_dim=hf.qk_rope_head_dim,
@@ -197,6 +210,8 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
             moe["moe_router_topk_scaling_factor"] = float(hf.routed_scaling_factor)
         if _get(hf, "n_group", default=1) != 1:
             moe.update(moe_router_num_groups=hf.n_group, moe_router_group_topk=hf.topk_group)
+    elif kind == "gpt_oss":  # top-K of the logits, softmax over the K (megatron's default); biased experts
+        moe.update(moe_grouped_gemm=True, moe_aux_loss_coeff=float(hf.router_aux_loss_coef))
     elif kind in ("qwen2_moe", "qwen3_moe", "olmoe") and not _get(hf, "norm_topk_prob", default=False):
         moe["moe_router_pre_softmax"] = True
     elif kind == "deepseek_v2":  # softmax over all experts, top-K, not renormalised, scaled
@@ -213,6 +228,29 @@ def config_from_hf(hf, tokenizer_path: str | None = None, upcycle: dict | None =
     if tokenizer_path:
         cfg["tokenizer"] = {"path": tokenizer_path}
     return cfg
+
+
+def _gpt_oss_model(hf) -> dict:
+    """gpt-oss's attention (sinks, windows on the sliding layers, yarn), biases and clamped GLU as model keys."""
+    model = {"add_bias_linear": True, "add_qkv_bias": False, "softmax_type": "learnable", "activation": "quick_gelu",
+             "activation_func_clamp_value": float(hf.swiglu_limit), "glu_linear_offset": 1.0}
+    windowed = [int(kind == "sliding_attention") for kind in hf.layer_types]
+    if any(windowed) and hf.sliding_window:  # transformers: key k visible to query q when q - W < k <= q
+        model.update(window_size=[int(hf.sliding_window) - 1, 0], window_attn_skip_freq=windowed)
+    params = getattr(hf, "rope_parameters", None) or {}
+    if params.get("rope_type") == "yarn":
+        factor = float(params["factor"])
+        mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+        if params.get("attention_factor") is not None and factor > 1:  # megatron's ratio with a denominator of 1
+            mscale, mscale_all_dim = (float(params["attention_factor"]) - 1) / (0.1 * math.log(factor)), 0.0
+        elif not (mscale and mscale_all_dim):  # transformers' default attention factor 0.1 ln(factor) + 1
+            mscale, mscale_all_dim = 1.0, 0.0
+        model.update(rope_type="yarn", rotary_scaling_factor=factor,
+                     original_max_position_embeddings=int(params["original_max_position_embeddings"]),
+                     beta_fast=float(params.get("beta_fast", 32.0)), beta_slow=float(params.get("beta_slow", 1.0)),
+                     mscale=float(mscale), mscale_all_dim=float(mscale_all_dim),
+                     yarn_correction_range_round_to_int=bool(params.get("truncate", True)))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- import
@@ -252,6 +290,11 @@ def import_checkpoint(hf_dir: str, out: str, config_out: str | None = None, toke
             raise ImportError_(f"the tokenizer in {hf_dir} has {ids} ids but the model's vocab_size is "
                                f"{hf.vocab_size}: its embedding cannot hold them")
     hf_state = {k: v for k, v in load_hf_model(hf_dir).state_dict().items()}
+    if hf.model_type == "gpt_oss" and not hf.attention_bias:  # moe-erc's add_bias_linear has them: zeros
+        for i in range(hf.num_hidden_layers):
+            for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                weight = hf_state[f"model.layers.{i}.self_attn.{proj}.weight"]
+                hf_state[f"model.layers.{i}.self_attn.{proj}.bias"] = weight.new_zeros(weight.shape[0])
     padded = gpt.padded_vocab_size(hf.vocab_size, cfg)
     source_cfg = cfg if upcycle is None else Config.model_validate(
         {**raw, "model": {**raw["model"], "moe_layer_freq": [0] * hf.num_hidden_layers}})

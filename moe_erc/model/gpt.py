@@ -56,10 +56,21 @@ def transformer_config(cfg: Config, precision: str = "fp32", kernels: Kernels | 
         kernels = detect_kernels(runtime_device(), cfg.training.fused_kernels)
     ffn = m.ffn_hidden_size or 4 * m.hidden_size
     try:
-        return _megatron_transformer_config(cfg, precision, tp, kernels, ffn)
+        tf_config = _megatron_transformer_config(cfg, precision, tp, kernels, ffn)
     except (ValueError, AssertionError) as exc:  # megatron's own checks: one line for the user
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ConfigError(f"megatron-core rejected the model configuration: {first_line}") from None
+    if m.rope_type == "yarn" and not m.multi_latent_attention:
+        # GPTModel's yarn position embedding and the attention's cos/sin scale read these (no TransformerConfig
+        # fields: Megatron-LM sets them from its arguments). mscale / mscale_all_dim give transformers' attention
+        # factor (0.1 ln s + 1 with the defaults).
+        for key, value in dict(rotary_scaling_factor=m.rotary_scaling_factor,
+                               original_max_position_embeddings=m.original_max_position_embeddings or m.seq_length,
+                               beta_fast=m.beta_fast, beta_slow=m.beta_slow, mscale=m.mscale,
+                               mscale_all_dim=m.mscale_all_dim,
+                               correction_range_round_to_int=m.yarn_correction_range_round_to_int).items():
+            setattr(tf_config, f"yarn_{key}", value)
+    return tf_config
 
 
 _ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "quick_gelu": quick_gelu}
@@ -167,7 +178,9 @@ def build_model(cfg: Config, tf_config: TransformerConfig, vocab_size: int) -> G
         pre_process=pp_rank == 0,
         post_process=pp_rank == pp_size - 1,
         share_embeddings_and_output_weights=not cfg.model.untie_embeddings_and_output_weights,
-        position_embedding_type=cfg.model.position_embedding_type,  # MLA applies its own RoPE (rope_type)
+        # MLA applies its own RoPE (rope_type); standard attention's yarn is GPTModel's 'yarn' embedding.
+        position_embedding_type="yarn" if cfg.model.rope_type == "yarn" and not cfg.model.multi_latent_attention
+        else cfg.model.position_embedding_type,
         rotary_base=cfg.model.rotary_base,
         rotary_percent=cfg.model.rotary_percent,
         mtp_block_spec=mtp_block_spec(cfg, tf_config, block_spec),

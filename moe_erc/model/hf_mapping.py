@@ -11,7 +11,11 @@ Most tensors are renamed one to one (:func:`renames`); four are fused in megatro
   pairs, so only a checkpoint saved with ``rope_interleave: false`` has its RoPE rows reordered (:func:`mla_rope_rows`).
 * routed experts: transformers' MoE classes stack them (``experts.gate_up_proj [n, 2D, d]``, ``experts.down_proj
   [n, d, D]``, gate rows first as in megatron); megatron holds them stacked (``GroupedExperts``), one module per
-  expert (``SequentialMLP``) or as transformer-engine's ``weight0 .. weight{n-1}``.
+  expert (``SequentialMLP``) or as transformer-engine's ``weight0 .. weight{n-1}``. gpt-oss stores them transposed
+  (``gate_up_proj [n, d, 2D]``, ``down_proj [n, D, d]``) with gate and up *interleaved* (columns 0, 2, ... gate;
+  1, 3, ... up) and biases beside them (``gate_up_proj_bias``, ``down_proj_bias``; megatron's ``bias1`` / ``bias2``).
+* gpt-oss's attention sinks (``self_attn.sinks``, a logit per head) are megatron's learnable ``softmax_offset``;
+  its router (``mlp.router``) has a bias (megatron's router bias with ``add_bias_linear``).
 
 The vocabulary rows are cut to the real vocabulary on export and zero-padded to megatron's padded size on import.
 """
@@ -56,8 +60,15 @@ def renames(cfg: Config, arch: str = "") -> list[tuple[tuple[str, ...], str]]:
         elif cfg.model.qk_layernorm:  # RMSNorm of Q and K: per head (Qwen3-MoE) or over the projection (OLMoE)
             table += [((f"{src}.self_attention.q_layernorm.weight",), f"{dst}.self_attn.q_norm.weight"),
                       ((f"{src}.self_attention.k_layernorm.weight",), f"{dst}.self_attn.k_norm.weight")]
+        if cfg.model.add_bias_linear:
+            table.append(((f"{src}.self_attention.linear_proj.bias",), f"{dst}.self_attn.o_proj.bias"))
+        if cfg.model.softmax_type == "learnable":  # gpt-oss's attention sinks
+            table.append(((f"{src}.self_attention.core_attention.softmax_offset",), f"{dst}.self_attn.sinks"))
         if is_moe:
-            table.append(((f"{src}.mlp.router.weight",), f"{dst}.mlp.gate.weight"))
+            router = "router" if arch == "gpt_oss" else "gate"
+            table.append(((f"{src}.mlp.router.weight",), f"{dst}.mlp.{router}.weight"))
+            if cfg.model.add_bias_linear:
+                table.append(((f"{src}.mlp.router.bias",), f"{dst}.mlp.{router}.bias"))
             if cfg.moe.moe_router_enable_expert_bias:  # aux-loss-free balancing = GLM-4-MoE's correction bias
                 table.append(((f"{src}.mlp.router.expert_bias",), f"{dst}.mlp.gate.e_score_correction_bias"))
             if cfg.moe.moe_shared_expert_intermediate_size:
@@ -135,6 +146,29 @@ def _experts(state: dict, prefix: str, n: int) -> tuple[torch.Tensor, torch.Tens
     return torch.stack(fc1), torch.stack(fc2)
 
 
+def _expert_biases(state: dict, prefix: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[n, 2D]`` gate/up and ``[n, d]`` output biases of one layer's experts (``model.add_bias_linear``)."""
+    if f"{prefix}.bias1" in state:
+        return state[f"{prefix}.bias1"], state[f"{prefix}.bias2"]
+    if f"{prefix}.local_experts.0.linear_fc1.bias" in state:
+        return (torch.stack([state[f"{prefix}.local_experts.{e}.linear_fc1.bias"] for e in range(n)]),
+                torch.stack([state[f"{prefix}.local_experts.{e}.linear_fc2.bias"] for e in range(n)]))
+    return (torch.stack([state[f"{prefix}.linear_fc1.bias{e}"] for e in range(n)]),
+            torch.stack([state[f"{prefix}.linear_fc2.bias{e}"] for e in range(n)]))
+
+
+def _interleave(gate_up: torch.Tensor, dim: int) -> torch.Tensor:
+    """``[gate; up]`` halves along ``dim`` -> gpt-oss's interleaved ``gate0, up0, gate1, up1, ...``."""
+    gate, up = gate_up.chunk(2, dim=dim)
+    return torch.stack([gate, up], dim=dim + 1).flatten(dim, dim + 1)
+
+
+def _deinterleave(gate_up: torch.Tensor, dim: int) -> torch.Tensor:
+    """gpt-oss's interleaved gate/up along ``dim`` -> ``[gate; up]`` halves."""
+    index = torch.arange(gate_up.shape[dim])
+    return torch.cat([gate_up.index_select(dim, index[0::2]), gate_up.index_select(dim, index[1::2])], dim=dim)
+
+
 def megatron_to_hf(cfg: Config, state: dict, vocab_size: int, arch: str = "") -> dict[str, torch.Tensor]:
     """megatron GPTModel state (one process, any expert module) -> transformers state (in-memory names), the
     vocabulary cut to ``vocab_size`` rows. Tensors a transformers class adds on its own (e.g. an always-built
@@ -153,13 +187,20 @@ def megatron_to_hf(cfg: Config, state: dict, vocab_size: int, arch: str = "") ->
             out[f"{dst}.self_attn.q_proj.weight"] = qkv[:, : heads // groups].reshape(heads * hd, d)
             out[f"{dst}.self_attn.k_proj.weight"] = qkv[:, -2].reshape(groups * hd, d)
             out[f"{dst}.self_attn.v_proj.weight"] = qkv[:, -1].reshape(groups * hd, d)
-        if cfg.model.add_qkv_bias:
+        if cfg.model.add_qkv_bias or cfg.model.add_bias_linear:
             bias = state[f"{src}.self_attention.linear_qkv.bias"].view(groups, heads // groups + 2, hd)
             out[f"{dst}.self_attn.q_proj.bias"] = bias[:, : heads // groups].reshape(heads * hd)
             out[f"{dst}.self_attn.k_proj.bias"] = bias[:, -2].reshape(groups * hd)
             out[f"{dst}.self_attn.v_proj.bias"] = bias[:, -1].reshape(groups * hd)
         if is_moe:
             gate_up, down = _experts(state, f"{src}.mlp.experts", cfg.moe.num_experts)
+            if arch == "gpt_oss":  # [n, d, 2D] interleaved and [n, D, d], with biases (zeros where the run has none)
+                n = cfg.moe.num_experts
+                bias1, bias2 = (_expert_biases(state, f"{src}.mlp.experts", n) if cfg.model.add_bias_linear
+                                else (gate_up.new_zeros(n, gate_up.shape[1]), down.new_zeros(n, down.shape[1])))
+                gate_up, down = _interleave(gate_up, 1).transpose(1, 2), down.transpose(1, 2)
+                out[f"{dst}.mlp.experts.gate_up_proj_bias"] = _interleave(bias1, 1)
+                out[f"{dst}.mlp.experts.down_proj_bias"] = bias2
             out[f"{dst}.mlp.experts.gate_up_proj"], out[f"{dst}.mlp.experts.down_proj"] = gate_up, down
             if cfg.moe.moe_shared_expert_intermediate_size:
                 shared = shared_expert_names(arch)[0]
@@ -195,7 +236,7 @@ def hf_to_megatron(cfg: Config, hf_state: dict, padded_vocab: int, arch: str = "
             k = hf_state[f"{src}.self_attn.k_proj.weight"].view(groups, 1, hd, d)
             v = hf_state[f"{src}.self_attn.v_proj.weight"].view(groups, 1, hd, d)
             out[f"{dst}.self_attention.linear_qkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, d)
-        if cfg.model.add_qkv_bias:
+        if cfg.model.add_qkv_bias or cfg.model.add_bias_linear:
             qb = hf_state[f"{src}.self_attn.q_proj.bias"].view(groups, heads // groups, hd)
             kb = hf_state[f"{src}.self_attn.k_proj.bias"].view(groups, 1, hd)
             vb = hf_state[f"{src}.self_attn.v_proj.bias"].view(groups, 1, hd)
@@ -206,6 +247,10 @@ def hf_to_megatron(cfg: Config, hf_state: dict, padded_vocab: int, arch: str = "
                 [hf_state[f"{src}.mlp.{shared}.gate_proj.weight"], hf_state[f"{src}.mlp.{shared}.up_proj.weight"]])
         if is_moe:
             gate_up, down = hf_state[f"{src}.mlp.experts.gate_up_proj"], hf_state[f"{src}.mlp.experts.down_proj"]
+            if arch == "gpt_oss":  # transposed, gate/up interleaved, with biases (GroupedExperts' bias1 / bias2)
+                gate_up, down = _deinterleave(gate_up, 2).transpose(1, 2), down.transpose(1, 2)
+                out[f"{dst}.mlp.experts.bias1"] = _deinterleave(hf_state[f"{src}.mlp.experts.gate_up_proj_bias"], 1)
+                out[f"{dst}.mlp.experts.bias2"] = hf_state[f"{src}.mlp.experts.down_proj_bias"]
             if cfg.moe.moe_grouped_gemm:
                 out[f"{dst}.mlp.experts.weight1"], out[f"{dst}.mlp.experts.weight2"] = gate_up, down
             else:

@@ -114,6 +114,10 @@ MLA = ["model.multi_latent_attention=true", "model.kv_lora_rank=16", "model.qk_h
        "model.qk_pos_emb_head_dim=8", "model.v_head_dim=16", "model.qk_layernorm=true"]
 
 
+GPT_OSS = ["model.activation=quick_gelu", "model.activation_func_clamp_value=7", "model.glu_linear_offset=1",
+           "model.softmax_type=learnable", "model.window_size=[7,0]", "model.window_attn_skip_freq=2"]
+
+
 @pytest.mark.parametrize("overrides, arch_or_message", [
     ([], "mixtral"),
     (["moe.moe_router_pre_softmax=true"], "qwen2_moe"),
@@ -133,6 +137,12 @@ MLA = ["model.multi_latent_attention=true", "model.kv_lora_rank=16", "model.qk_h
     ([*MLA, "moe.moe_router_pre_softmax=true"], "deepseek_v2"),
     (MLA, "multi-latent attention with routing other than DeepSeek-V3's"),
     (["model.window_size=[7,0]"], "model.window_size (its transformers mapping is not written yet)"),
+    (GPT_OSS, "gpt_oss"),
+    ([*GPT_OSS, "model.rope_type=yarn", "model.add_bias_linear=true", "moe.moe_grouped_gemm=true"], "gpt_oss"),
+    (["model.add_bias_linear=true"], "model.add_bias_linear=true (linear biases outside gpt-oss"),
+    ([*GPT_OSS, "moe.moe_router_pre_softmax=true", "model.glu_linear_offset=0"],
+     "gpt-oss with model.glu_linear_offset != 1"),
+    ([*GPT_OSS, "model.moe_layer_freq=2"], "gpt-oss with dense layers"),
     (["model.mtp_num_layers=1"], "model.mtp_num_layers (outside DeepSeek-V3"),
     (["moe.moe_router_score_function=sigmoid", "moe.moe_router_enable_expert_bias=true", "model.num_layers=3",
       "model.moe_layer_freq=[1,0,1]"], "dense layers after MoE layers with sigmoid routing"),
@@ -142,7 +152,8 @@ def test_the_architecture_follows_the_routing(overrides, arch_or_message):
     from moe_erc.commands.export import ExportError, architecture
 
     cfg = load_config(None, overrides)
-    if arch_or_message in ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe", "deepseek_v2", "deepseek_v3"):
+    if arch_or_message in ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe", "deepseek_v2", "deepseek_v3",
+                           "gpt_oss"):
         assert architecture(cfg) == arch_or_message
     else:
         with pytest.raises(ExportError, match="cannot export to transformers") as err:

@@ -59,6 +59,9 @@ def hf_model(kind: str, out: Path, tokenizer: str | None):
             **{**common, "num_key_value_heads": 4, "head_dim": 8}, **dense, n_routed_experts=4, n_shared_experts=2,
             first_k_dense_replace=1, q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=8,
             v_head_dim=16),
+        # gpt-oss's class defaults (sinks, windows on every other layer, yarn without truncation, biases everywhere,
+        # the clamped GLU), widths shrunk and a window of 4 tokens so it bites on 12
+        "gpt_oss": lambda: transformers.GptOssConfig(**common, intermediate_size=64, num_local_experts=4, sliding_window=4),
         "glm45": lambda: transformers.Glm4MoeConfig(**common, **dense, n_routed_experts=4, n_shared_experts=1,
                                                     n_group=1, topk_group=1, first_k_dense_replace=1,
                                                     attention_bias=True, use_qk_norm=True),
@@ -66,7 +69,7 @@ def hf_model(kind: str, out: Path, tokenizer: str | None):
     model = transformers.AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms and GLM's correction bias away from their constant initial values
         for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-            if "norm" in name or "correction_bias" in name or name.endswith(".bias"):
+            if "norm" in name or "correction_bias" in name or name.endswith("bias"):
                 tensor.add_(torch.randn_like(tensor) * 0.1)
     model.save_pretrained(str(out))
     if tokenizer:
@@ -86,7 +89,8 @@ def ours(checkpoint: Path) -> torch.Tensor:
                                         ("olmoe", "OlmoeForCausalLM"), ("qwen2_moe_shared", "Qwen2MoeForCausalLM"),
                                         ("glm45", "Glm4MoeForCausalLM"), ("deepseek_v3", "DeepseekV3ForCausalLM"),
                                         ("moonlight", "DeepseekV3ForCausalLM"),
-                                        ("deepseek_v2_lite", "DeepseekV2ForCausalLM")])
+                                        ("deepseek_v2_lite", "DeepseekV2ForCausalLM"),
+                                        ("gpt_oss", "GptOssForCausalLM")])
 def test_an_import_computes_the_hf_logits_exports_back_to_the_same_tensors_and_loads_in_any_layout(
         tiny_corpus, tmp_path, kind, arch):
     from safetensors.torch import load_file
@@ -108,12 +112,14 @@ def test_an_import_computes_the_hf_logits_exports_back_to_the_same_tensors_and_l
         # Qwen2-MoE without a shared expert builds a zero-width one whose gate multiplies zeros: exported as 0
         if kind != "qwen2_moe" or "shared_expert_gate" not in name:
             assert torch.equal(tensor, after[name]), name
-    if kind not in ("qwen3_moe", "glm45", "olmoe", "qwen2_moe_shared", "deepseek_v3"):  # the richest mappings
+    if kind not in ("qwen3_moe", "glm45", "olmoe", "qwen2_moe_shared", "deepseek_v3", "gpt_oss"):  # the richest
         return
-    # The same weights in other layouts: the step-0 validation loss of one process, EP=2 and TP=2 agree.
+    # The same weights in other layouts: the step-0 validation loss of one process, EP=2 and TP=2 agree (gpt-oss's
+    # expert biases keep the experts whole: expert-TP 1 beside attention's TP 2).
+    etp = ["parallel.expert_tensor_parallel_size=1"] if kind == "gpt_oss" else []
     valid = {}
     for name, extra, nproc in (("one", [], 1), ("ep2", ["parallel.expert_model_parallel_size=2"], 2),
-                               ("tp2", ["parallel.tensor_model_parallel_size=2"], 2)):
+                               ("tp2", ["parallel.tensor_model_parallel_size=2", *etp], 2)):
         train(tmp_path / name, tiny_corpus, f"checkpoint.load={tmp_path / 'ck'}", "training.train_iters=1",
               *extra, nproc=nproc, config=tmp_path / "ck" / "config.yaml")
         valid[name] = _valid_loss_at_0(tmp_path / name)
@@ -121,11 +127,11 @@ def test_an_import_computes_the_hf_logits_exports_back_to_the_same_tensors_and_l
     assert valid["tp2"] == pytest.approx(valid["one"], rel=2e-5), valid
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v3"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "deepseek_v3", "gpt_oss"])
 def test_an_imported_model_trains_with_erc_and_its_export_computes_the_trained_logits(tiny_corpus, tmp_path, kind):
-    """Qwen3-MoE (QK-norm, a dense first layer, GQA) and DeepSeek-V3 (MLA, group routing, shared expert, expert
-    bias): 20 steps with ERC on train from the import; the export of the result loads in transformers and computes
-    the trained checkpoint's logits."""
+    """Qwen3-MoE (QK-norm, a dense first layer, GQA), DeepSeek-V3 (MLA, group routing, shared expert, expert
+    bias) and gpt-oss (sinks, windows, yarn, biases, the clamped GLU): 20 steps with ERC on train from the import;
+    the export of the result loads in transformers and computes the trained checkpoint's logits."""
     from transformers import AutoModelForCausalLM
 
     hf_model(kind, tmp_path / "hf", f"{tiny_corpus}.tokenizer.json")

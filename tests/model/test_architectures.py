@@ -38,6 +38,10 @@ FEATURES = {  # name: (overrides, the core attention auto picks without transfor
                               "model.softmax_type=learnable"], "local", "self_attention.core_attention.softmax_offset"),
     "clamped-quick-gelu": (["model.activation=quick_gelu", "model.activation_func_clamp_value=7.0",
                             "model.glu_linear_offset=1.0", "moe.moe_grouped_gemm=true"], "sdpa", "mlp.experts.weight1"),
+    # gpt-oss's biases on every linear (grouped-GEMM experts, the router) and yarn on standard attention
+    "biases-yarn": (["model.add_bias_linear=true", "moe.moe_grouped_gemm=true", "model.rope_type=yarn",
+                     "model.rotary_scaling_factor=8", "model.original_max_position_embeddings=16",
+                     "model.yarn_correction_range_round_to_int=false"], "sdpa", "mlp.experts.bias2"),
     "head-size": (["model.kv_channels=32"], "sdpa", "self_attention.linear_qkv.weight"),
     "olmoe-qk-norm": (["model.qk_layernorm=true", "model.qk_layernorm_over=projection", "model.num_query_groups=2"],
                       "sdpa", "self_attention.k_layernorm.weight"),

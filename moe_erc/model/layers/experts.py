@@ -7,7 +7,9 @@ expert-sorted tokens (CUTLASS kernels for bf16 on Hopper; a loop fallback elsewh
 
     weight1  [m, 2*D, d]   per expert [gate; up] (SwiGLU; [m, D, d] without GLU), torch Linear layout
     weight2  [m, d, D]
-    out_t = ((act(x_t Wg_e^T) * (x_t Wu_e^T)) * prob_t) Wo_e^T    for token t routed to local expert e
+    bias1    [m, 2*D], bias2 [m, d]   with ``model.add_bias_linear`` only (gpt-oss)
+    out_t = prob_t * (act(x_t Wg_e^T + bg_e) * (x_t Wu_e^T + bu_e)) Wo_e^T + prob_t * bo_e
+                                                                   for token t routed to local expert e
 
 It is a drop-in for ``SequentialMLP`` (chosen by ``moe.moe_grouped_gemm=true`` when transformer-engine is
 absent, through the layer spec):
@@ -103,11 +105,11 @@ class GroupedExperts(MegatronModule):
 
     def __init__(self, num_local_experts: int, config, submodules=None, pg_collection=None, name=None, **_):
         super().__init__(config=config)
-        if config.add_bias_linear:
-            raise ValueError("moe.moe_grouped_gemm=true has no expert biases; set model.add_bias_linear=false")
         self.num_local_experts = m = num_local_experts
         self.etp_size = parallel_state.get_expert_tensor_parallel_world_size()
         self.etp_rank = parallel_state.get_expert_tensor_parallel_rank()
+        if config.add_bias_linear and self.etp_size > 1:  # config.py refuses this first, in one line
+            raise ValueError("GroupedExperts' expert biases need expert_tensor_parallel_size=1")
         self._fast_path = None  # torch._grouped_mm's single-kernel path on this device/dtype (first forward)
         self.ffn_local = config.moe_ffn_hidden_size // self.etp_size
         self.gated = config.gated_linear_unit
@@ -115,6 +117,10 @@ class GroupedExperts(MegatronModule):
         like = {"dtype": config.params_dtype, "device": expert_param_device()}
         self.weight1 = torch.nn.Parameter(torch.empty(m, (2 if self.gated else 1) * width, d, **like))
         self.weight2 = torch.nn.Parameter(torch.empty(m, d, width, **like))
+        self.bias1 = self.bias2 = None
+        if config.add_bias_linear:  # zeros, as megatron initialises linear biases (no RNG draw: same weights)
+            self.bias1 = torch.nn.Parameter(torch.zeros(m, self.weight1.shape[1], **like))
+            self.bias2 = torch.nn.Parameter(torch.zeros(m, d, **like))
         if config.perform_initialization:
             # SequentialMLP's order: expert 0 fc1, expert 0 fc2, expert 1 fc1, ... from the expert stream.
             with get_cuda_rng_tracker().fork(get_expert_parallel_rng_tracker_name()):
@@ -124,6 +130,8 @@ class GroupedExperts(MegatronModule):
         # As megatron marks its expert linears: D split over expert-TP (dim 1 of fc1, dim 2 of fc2).
         set_tensor_model_parallel_attributes(self.weight1, is_parallel=True, dim=1, stride=1)
         set_tensor_model_parallel_attributes(self.weight2, is_parallel=True, dim=2, stride=1)
+        if self.bias1 is not None:
+            set_tensor_model_parallel_attributes(self.bias1, is_parallel=True, dim=1, stride=1)
         for param in self.parameters():
             param.allreduce = False  # expert parameter: megatron DDP reduces it over expert-DP only
 
@@ -143,6 +151,11 @@ class GroupedExperts(MegatronModule):
                               f"sync per call (bf16 on compute capability 9.x/10.x is the fast path)")
         hidden = hidden.contiguous()  # the CUDA kernel needs 16-byte-aligned row-major tokens (no-op if so)
         h = grouped_mm(hidden, self.weight1, offsets)                    # [T, 2D] or [T, D]
+        expert = None
+        if self.bias1 is not None:  # each token's local expert; output_size keeps it free of a host sync
+            expert = torch.repeat_interleave(torch.arange(self.num_local_experts, device=hidden.device), counts,
+                                             output_size=hidden.shape[0])
+            h = h + self.bias1[expert]
         if self.gated:  # as megatron's MLP: gate clamped above, linear part to +-clamp, then act(gate) * (up + offset)
             gate, up = torch.chunk(h, 2, dim=-1)
             clamp = self.config.activation_func_clamp_value
@@ -153,7 +166,10 @@ class GroupedExperts(MegatronModule):
         else:
             inner = self.config.activation_func(h)
         inner = (inner * permuted_probs.unsqueeze(-1)).to(hidden.dtype)  # as megatron's MLP: probs in fp32
-        return grouped_mm(inner, self.weight2, offsets), None
+        out = grouped_mm(inner, self.weight2, offsets)
+        if expert is not None:  # the output bias weighted by the gate, as the rest of the expert's output
+            out = out + (permuted_probs.unsqueeze(-1) * self.bias2[expert]).to(out.dtype)
+        return out, None
 
     # ---------------------------------------------------------------- checkpoints (SequentialMLP layout)
 
@@ -199,6 +215,15 @@ class GroupedExperts(MegatronModule):
                     prepend_axis_num=axis + 1) for e in range(self.num_local_experts)],
                 torch.stack, replica),
         }
+        if self.bias1 is not None:  # SequentialMLP's linear_fc{1,2}.bias, with the expert axis
+            out[f"{prefix}bias1"] = ShardedTensorFactory(f"{ckpt}linear_fc1.bias", self.bias1, fc1_build, fc1_merge,
+                                                         replica)
+            out[f"{prefix}bias2"] = ShardedTensorFactory(
+                f"{ckpt}linear_fc2.bias", self.bias2,
+                lambda key, data, replica_id, _: [ShardedTensor.from_rank_offsets(
+                    key, data[e], *per_expert(e), replica_id=replica_id, prepend_axis_num=axis + 1)
+                    for e in range(self.num_local_experts)],
+                torch.stack, (0, tp_rank, replica[2]))
         # SequentialMLP's linears also write an (empty) extra state per expert; write the same entries so a
         # SequentialMLP model finds them in our checkpoints. They are dropped again on load.
         outer = tuple(size for _, _, size in sharded_offsets)

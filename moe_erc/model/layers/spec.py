@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 
 from moe_erc.compat import import_megatron
-from moe_erc.config import Config
+from moe_erc.config import Config, layer_kinds
 from moe_erc.model.layers import routers
 from moe_erc.model.layers.kernels import have_transformer_engine
 
@@ -28,12 +28,8 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec 
 def decoder_block_spec(cfg: Config, tf_config):
     """megatron's decoder block spec for ``tf_config`` with moe-erc's modules swapped in."""
     use_te = have_transformer_engine()
-    if cfg.model.add_bias_linear and not use_te and not cfg.moe.moe_grouped_gemm and cfg.moe.router == "topk":
-        from moe_erc.errors import ConfigError
-
-        raise ConfigError("model.add_bias_linear=true with MoE layers needs transformer-engine: megatron-core 0.19.2's "
-                          "SequentialMLP adds expert biases in place on an autograd view and fails in backward; "
-                          "use model.add_qkv_bias for attention biases")
+    if cfg.model.add_bias_linear and not use_te and cfg.moe.router == "topk" and any(layer_kinds(cfg)):
+        _check_expert_biases(cfg)
     block_spec = get_gpt_decoder_block_spec(tf_config, use_transformer_engine=use_te)
     router, experts = routers.router_and_experts(cfg)
     if experts is None and cfg.moe.moe_grouped_gemm and not use_te:
@@ -63,6 +59,22 @@ def decoder_block_spec(cfg: Config, tf_config):
         for spec in block_spec.layer_specs:
             spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return block_spec
+
+
+def _check_expert_biases(cfg: Config) -> None:
+    """Expert biases without transformer-engine: GroupedExperts has them at expert-TP 1; megatron-core 0.19.2's
+    SequentialMLP adds them in place on an autograd view and fails in backward."""
+    from moe_erc.errors import ConfigError
+
+    p = cfg.parallel
+    if not cfg.moe.moe_grouped_gemm:
+        raise ConfigError("model.add_bias_linear=true with MoE layers needs moe.moe_grouped_gemm=true without "
+                          "transformer-engine (megatron-core 0.19.2's SequentialMLP fails in backward with expert "
+                          "biases); or use model.add_qkv_bias for attention biases only")
+    if (p.expert_tensor_parallel_size or p.tensor_model_parallel_size) > 1:
+        raise ConfigError("model.add_bias_linear=true with MoE layers: expert biases need "
+                          "parallel.expert_tensor_parallel_size=1 without transformer-engine (the experts stay whole; "
+                          "attention keeps its tensor parallelism)")
 
 
 def attention_backend(cfg: Config) -> str:
