@@ -217,3 +217,27 @@ def test_the_released_architectures_plan_to_their_published_sizes(config, publis
     digits = len(published_active.partition(".")[2])
     assert f"{plan['active_params_with_embedding'] / 1e9:.{digits}f}" == published_active
     assert plan["erc_flop_share"] is not None and 0 < plan["erc_flop_share"] < 0.01
+
+
+def test_the_activation_estimate_counts_mla_latents_grouped_kv_shared_experts_and_mtp():
+    """Korthikanti's per-layer bytes written out by hand for the shapes: full multi-head attention is 11 s b h, grouped
+    K/V keep less, MLA keeps its latents and per-head Q/K/V, a shared expert its MLP, an MTP layer one more layer."""
+    from moe_erc.commands.plan import activation_bytes
+    from moe_erc.config import load_config
+
+    base = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=32",
+            "model.ffn_hidden_size=128", "moe.num_experts=4", "moe.moe_router_topk=2", "moe.moe_ffn_hidden_size=32",
+            "training.micro_batch_size=2", "training.global_batch_size=2"]
+    s, b, h = 32, 2, 64
+    mlp = 2 * 19 * s * b * h * 32 / (4 * h) * 1.5
+    mha = 11 * s * b * h + 4 * s * b * h
+    assert activation_bytes(load_config(None, base)) == pytest.approx(2 * (mha + mlp))
+    gqa = 2 * s * b * (h + 64 + 2 * 16 + 64) + s * b * h + 4 * s * b * h  # 4 heads of 16, 1 K/V group
+    assert activation_bytes(load_config(None, [*base, "model.num_query_groups=1"])) == pytest.approx(2 * (gqa + mlp))
+    mla = ["model.multi_latent_attention=true", "model.q_lora_rank=24", "model.kv_lora_rank=16", "model.qk_head_dim=16",
+           "model.qk_pos_emb_head_dim=8", "model.v_head_dim=16", "model.qk_layernorm=true"]
+    latent = 2 * s * b * (h + 2 * 4 * 24 + 2 * 4 * 16 + 2 * 24 + 2 * 16 + 8) + s * b * h + 4 * s * b * h
+    shared = 19 * s * b * h * 48 / (4 * h) * 1.5
+    cfg = load_config(None, [*base, *mla, "moe.moe_shared_expert_intermediate_size=48", "model.mtp_num_layers=1"])
+    layer = latent + mlp + shared
+    assert activation_bytes(cfg) == pytest.approx(2 * layer + layer + 2 * s * b * 2 * h)
