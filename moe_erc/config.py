@@ -648,6 +648,24 @@ def check_layout(cfg: Config, world_size: int, device: str = "cuda") -> None:
 # Loading
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping in a YAML file names one key twice (plain YAML keeps the last silently)."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key given twice in one mapping, naming it and both lines."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise DuplicateKeyError(f"duplicate key '{key}' at line {key_node.start_mark.line + 1} (first at "
+                                        f"line {seen[key] + 1}); YAML would keep only the last: remove one")
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]] = None) -> Config:
     """Read a YAML file (or the defaults), apply ``section.key=value`` overrides, validate.
 
@@ -659,7 +677,9 @@ def load_config(path: Optional[str | Path] = None, overrides: Optional[list[str]
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass a YAML file such as configs/tiny.yaml")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            raw = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
+        except DuplicateKeyError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

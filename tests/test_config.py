@@ -102,3 +102,19 @@ def test_cli_reports_bad_key_in_one_line_with_exit_code_2(tmp_path):
 def test_defaults_are_complete_yaml():
     assert set(yaml.safe_load(Config().to_yaml())) == {
         "model", "moe", "erc", "parallel", "data", "tokenizer", "training", "optimizer", "logging", "checkpoint"}
+
+
+def test_a_key_given_twice_in_a_yaml_file_is_refused_naming_the_key_and_both_lines(tmp_path):
+    """Plain YAML keeps the last of two equal keys silently; a config that says two things is refused."""
+    path = tmp_path / "twice.yaml"
+    path.write_text("model:\n  hidden_size: 64\n  num_layers: 2\n  hidden_size: 128\ntraining:\n  train_iters: 5\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(err.value) == (f"{path}: duplicate key 'hidden_size' at line 4 (first at line 2); YAML would keep "
+                              f"only the last: remove one")
+    path.write_text("model:\n  hidden_size: 64\nmoe:\n  num_experts: 4\nmodel:\n  num_layers: 2\n")
+    with pytest.raises(ConfigError, match="duplicate key 'model' at line 5 \\(first at line 1\\)"):
+        load_config(path)
+    path.write_text("model:\n  hidden_size: 64\nmoe:\n  hidden_size: 8\n")  # the same name in two sections is fine
+    with pytest.raises(ConfigError, match="unknown config key 'moe.hidden_size'"):
+        load_config(path)
