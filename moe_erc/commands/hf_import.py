@@ -256,13 +256,61 @@ def _gpt_oss_model(hf) -> dict:
 # ---------------------------------------------------------------------------------------------- import
 
 
+def check_weight_files(hf_dir: str) -> None:
+    """Every safetensors file the checkpoint names is present and whole (header readable, every tensor's bytes
+    inside the file): a damaged download is one line naming the file, before transformers reads it."""
+    path = Path(hf_dir)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError):
+            raise ImportError_(f"{index} is damaged (not a safetensors index with a weight_map); re-download it") from None
+        missing = [name for name in shards if not (path / name).is_file()]
+        if missing:
+            raise ImportError_(f"{hf_dir} lacks {len(missing)} of the {len(shards)} weight shards its index names "
+                               f"({', '.join(missing[:3])}); the download is incomplete")
+        files = [path / name for name in shards]
+    else:
+        files = sorted(path.glob("*.safetensors"))
+    for file in files:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise ImportError_(f"{file} is damaged ({problem}); re-download or re-save the checkpoint")
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why ``file`` is not a whole safetensors file (None if it is): 8-byte header length, JSON header,
+    tensors' byte ranges within the data that follows."""
+    size = file.stat().st_size
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{size} bytes: no header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"truncated: the header alone needs {length + 8} bytes, the file has {size}"
+        try:
+            header = json.loads(handle.read(length))
+        except (UnicodeDecodeError, ValueError):
+            return "its header is not JSON"
+    try:
+        end = max((entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"), default=0)
+    except (KeyError, TypeError, IndexError):
+        return "its header does not describe tensors"
+    if 8 + length + end > size:
+        return f"truncated: its tensors need {8 + length + end} bytes, the file has {size}"
+    return None
+
+
 def load_hf_model(hf_dir: str):
     """The transformers model in ``hf_dir`` (fp32, CPU, eval mode; local files only)."""
     from transformers import AutoModelForCausalLM
 
+    check_weight_files(hf_dir)
     try:
         return AutoModelForCausalLM.from_pretrained(hf_dir, local_files_only=True, dtype=torch.float32).eval()
-    except (OSError, ValueError, RuntimeError) as exc:
+    except Exception as exc:  # noqa: BLE001 (safetensors' own error class is not importable everywhere)
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ImportError_(f"cannot load the weights in {hf_dir}: {first}") from None
 

@@ -161,12 +161,25 @@ def _valid_loss_at_0(run: Path) -> float:
 def test_what_is_not_an_importable_checkpoint_is_refused_in_one_line_and_nothing_is_written(tiny_corpus, tmp_path):
     (tmp_path / "empty").mkdir()
     cases = {"empty": "is not a Hugging Face checkpoint (no config.json)",
-             "gpt-oss": "model_type 'gpt_oss'"}
+             "granite": "model_type 'granitemoe'"}
     import transformers
 
-    transformers.GptOssConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                              num_local_experts=4, num_experts_per_tok=2).save_pretrained(str(tmp_path / "gpt-oss"))
-    hf_model("mixtral", tmp_path / "small-vocab", f"{tiny_corpus}.tokenizer.json")
+    transformers.GraniteMoeConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_local_experts=4, num_experts_per_tok=2).save_pretrained(str(tmp_path / "granite"))
+    # damaged downloads: a truncated file, a garbage header, a shard the index names but the directory lacks
+    model = hf_model("mixtral", tmp_path / "small-vocab", f"{tiny_corpus}.tokenizer.json")
+    weights = (tmp_path / "small-vocab" / "model.safetensors").read_bytes()
+    for name, data in (("truncated", weights[: len(weights) - 1000]), ("garbage", b"\x10\x00\x00\x00\x00\x00\x00\x00"
+                                                                                 + b"{not json at all" + weights[24:])):
+        shutil.copytree(tmp_path / "small-vocab", tmp_path / name)
+        (tmp_path / name / "model.safetensors").write_bytes(data)
+    cases["truncated"] = "model.safetensors is damaged (truncated: its tensors need"
+    cases["garbage"] = "model.safetensors is damaged (its header is not JSON)"
+    model.save_pretrained(str(tmp_path / "sharded"), max_shard_size="200KB")
+    shards = sorted((tmp_path / "sharded").glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].unlink()
+    cases["sharded"] = f"lacks 1 of the {len(shards)} weight shards its index names ({shards[-1].name})"
     cfg = (tmp_path / "small-vocab" / "config.json")
     cfg.write_text(cfg.read_text().replace(f'"vocab_size": {VOCAB}', '"vocab_size": 400'))
     cases["small-vocab"] = "has 512 ids but the model's vocab_size is 400"
