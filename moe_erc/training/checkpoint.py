@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from moe_erc.compat import import_megatron, runtime_device
 from moe_erc.errors import CheckpointError, UserError
+from moe_erc.outputs import WriterLock
 from moe_erc.training.orphans import install_checkpoint_queue
 
 import_megatron()
@@ -305,11 +306,28 @@ def on_rank0(decide):
     return value
 
 
-def prepare_run_dir(cfg, run_dir: Path, ckpt_dir: Path) -> None:
-    """Collective. Create the run directory and write its ``config.yaml``; first refuse (every rank, one line) to
-    start a fresh run where an earlier one left its records, so they are never mixed or overwritten."""
-    refusal = on_rank0(lambda: _used_run_dir(cfg, run_dir, ckpt_dir))
+RUN_LOCK = ".moe-erc.lock"
+
+
+def prepare_run_dir(cfg, run_dir: Path, ckpt_dir: Path, say=print) -> Optional[WriterLock]:
+    """Collective. Take the run directory's writer lock (rank 0; :class:`moe_erc.outputs.WriterLock`), create it
+    and write its ``config.yaml``; first refuse (every rank, one line) a second writer, and a fresh run where an
+    earlier one left its records, so they are never mixed or overwritten. Returns the lock on rank 0."""
+    lock = []
+
+    def decide():
+        try:
+            lock.append(WriterLock(run_dir / RUN_LOCK, f"run directory {run_dir}",
+                                   "give a new logging.run_dir").acquire(say=say))
+        except UserError as exc:
+            return str(exc)
+        return _used_run_dir(cfg, run_dir, ckpt_dir)
+
+    refusal = on_rank0(decide)
     if refusal:
+        for held in lock:
+            if "is being written by another process" not in refusal:
+                held.release()
         raise UserError(refusal)
     if dist.get_rank() == 0:
         try:
@@ -319,6 +337,7 @@ def prepare_run_dir(cfg, run_dir: Path, ckpt_dir: Path) -> None:
             raise UserError(f"cannot write run directory {run_dir} ({exc.strerror}); "
                             f"set logging.run_dir to a writable path") from None
     dist.barrier()
+    return lock[0] if lock else None
 
 
 def _used_run_dir(cfg, run_dir: Path, ckpt_dir: Path) -> Optional[str]:

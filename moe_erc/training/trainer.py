@@ -32,6 +32,7 @@ from moe_erc.data.datasets import (build_dataloader, build_gpt_datasets, check_i
                                    parse_data_path)
 from moe_erc.data.tokenizer import resolve_tokenizer
 from moe_erc.errors import DataError
+from moe_erc.outputs import WriterLock
 from moe_erc.model.gpt import (build_model, compile_layers, count_parameters, padded_vocab_size, resolve_precision,
                                transformer_config)
 from moe_erc.model.layers import routers
@@ -108,7 +109,8 @@ class Trainer:
         self.is_logger = self.topo.is_logging_rank
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
-        checkpoint.prepare_run_dir(cfg, self.run_dir, self.ckpt_dir)
+        self.run_lock = None
+        self.run_lock = checkpoint.prepare_run_dir(cfg, self.run_dir, self.ckpt_dir)
         self.precision = resolve_precision(cfg, self.device)
 
         # data
@@ -387,6 +389,8 @@ class Trainer:
     def close(self) -> None:
         self.monitor.close()
         self.writer.close()
+        if self.run_lock is not None:
+            self.run_lock.release()
 
 
 def run(cfg: Config) -> dict:
@@ -398,5 +402,6 @@ def run(cfg: Config) -> dict:
     finally:
         if trainer is not None:
             trainer.close()
+        WriterLock.release_all()  # a run that failed while starting holds its run directory's lock still
         if dist.is_initialized():
             parallel.destroy()
