@@ -114,10 +114,42 @@ def train_record(scalars: dict, model_chunks, cfg: Config, monitor, num_microbat
     return scalars
 
 
-class MetricsWriter:
-    """Fan-out of scalar records to JSONL, TensorBoard and wandb (logging rank only)."""
+SUPERSEDED = "metrics.superseded.jsonl"
+WANDB_ID = "wandb_run_id"
 
-    def __init__(self, cfg: Config, run_dir: Path, enabled: bool):
+
+def cut_after(path: Path, step: int) -> int:
+    """Keep the records of ``path`` up to ``step`` (the checkpoint a resumed run starts from): the rows a crashed
+    attempt wrote after it are moved to ``metrics.superseded.jsonl`` beside it, so each step appears once.
+    Atomic (a new file renamed over the old one); a torn last line is dropped. Returns how many rows moved."""
+    if not path.is_file():
+        return 0
+    kept, moved = [], []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a row cut short by the crash
+        (kept if int(record.get("step", 0)) <= step else moved).append(line)
+    if not moved and len(kept) == len(path.read_text().splitlines()):
+        return 0
+    with open(path.with_name(SUPERSEDED), "a") as side:
+        side.writelines(line + "\n" for line in moved)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(moved)
+
+
+class MetricsWriter:
+    """Fan-out of scalar records to JSONL, TensorBoard and wandb (logging rank only).
+
+    ``start_step``: the step the run starts from. A resumed run supersedes what a crashed attempt logged after its
+    checkpoint: ``metrics.jsonl`` rows past it move aside (:func:`cut_after`), TensorBoard purges its events from
+    ``start_step + 1`` on, and wandb resumes the same run (its id kept in the run directory) rewound to ``start_step``.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, enabled: bool, start_step: int = 0, say=print):
         self.enabled = enabled
         self.max_scalars = cfg.logging.max_scalars
         self._jsonl = None
@@ -125,17 +157,18 @@ class MetricsWriter:
         self._wandb = None
         if not enabled:
             return
+        moved = cut_after(run_dir / "metrics.jsonl", start_step)
+        if moved:
+            say(f"metrics.jsonl: {moved} rows logged after step {start_step} (the checkpoint this run resumes from) "
+                f"moved to {SUPERSEDED}; each step appears once")
         self._jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
         if cfg.logging.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                     purge_step=start_step + 1 if start_step > 0 else None)
         if cfg.logging.wandb and cfg.logging.wandb_mode != "disabled":
-            os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
-            import wandb
-
-            self._wandb = wandb.init(project=cfg.logging.wandb_project, dir=str(run_dir),
-                                     name=run_dir.name, config=cfg.to_dict(), resume="allow")
+            self._wandb = _wandb_run(cfg, run_dir, start_step)
 
     def write(self, step: int, split: str, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -175,6 +208,27 @@ class MetricsWriter:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def _wandb_run(cfg: Config, run_dir: Path, start_step: int):
+    """The run directory's wandb run: created once (its id saved in ``wandb_run_id``), resumed by that id, and
+    rewound to ``start_step`` after a crash (wandb's ``resume_from``) so its curves do not double back."""
+    os.environ.setdefault("WANDB_MODE", cfg.logging.wandb_mode)
+    import wandb
+
+    id_file = run_dir / WANDB_ID
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+    common = dict(project=cfg.logging.wandb_project, dir=str(run_dir), name=run_dir.name, config=cfg.to_dict())
+    if start_step > 0 and os.environ.get("WANDB_MODE") == "online":
+        try:
+            return wandb.init(**common, resume_from=f"{run_id}?_step={start_step + 1}")
+        except Exception as exc:  # noqa: BLE001 (a server without rewind: resume, and say that curves may repeat)
+            print(f"note: wandb could not rewind run {run_id} to step {start_step} ({exc}); resuming it as it is")
+    return wandb.init(**common, id=run_id, resume="allow")
 
 
 def format_duration(seconds: float) -> str:

@@ -163,7 +163,8 @@ class Trainer:
         self.step = start.get("step", 0)
         self.consumed_samples = start.get("consumed_samples", 0)
         self.on_non_finite = NonFinitePolicy(t, self.run_dir, self.ckpt_dir, self.is_logger, say=self._say)
-        self.writer = metrics.MetricsWriter(cfg, self.run_dir, enabled=self.is_logger)
+        self.writer = metrics.MetricsWriter(cfg, self.run_dir, enabled=self.is_logger, start_step=self.step,
+                                            say=self._say)
         log = cfg.logging
         self.monitor = RoutingMonitor(self.model, layer_rows(cfg), cfg.moe.num_experts,
                                       run_dir=self.run_dir if log.routing_trace else None,
