@@ -49,7 +49,7 @@ import torch
 from moe_erc.config import Config
 from moe_erc.errors import ConfigError, UserError
 from moe_erc.model.hf_mapping import layer_kinds, megatron_to_hf
-from moe_erc.outputs import check_output_dir, staged_directory
+from moe_erc.outputs import check_output_dir, output_lock, staged_directory
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -391,10 +391,14 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--force", action="store_true", help="replace the contents of a non-empty --out")
     args = parser.parse_args(argv)
     check_output_dir(args.out, must_be_empty=True, force=args.force)
-    if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B)?\s*", args.max_shard_size, flags=re.IGNORECASE):
-        raise ExportError(f"--max-shard-size '{args.max_shard_size}' must be a size such as 5GB, 500MB or 2GiB")
-    summary = export(args.checkpoint, args.out, args.dtype, args.tokenizer, args.max_shard_size)
-    print(f"export: {summary['architecture']} ({summary['parameters'] / 1e6:.2f}M parameters, {summary['dtype']}) "
-          f"from step {summary['step']} -> {summary['out']}: {', '.join(summary['files'])}")
-    print(json.dumps(summary))
+    lock = output_lock(args.out, "export")  # another export writing the same --out is refused in one line
+    try:
+        if not re.fullmatch(r"\s*\d+(\.\d+)?\s*([KMGT]i?B)?\s*", args.max_shard_size, flags=re.IGNORECASE):
+            raise ExportError(f"--max-shard-size '{args.max_shard_size}' must be a size such as 5GB, 500MB or 2GiB")
+        summary = export(args.checkpoint, args.out, args.dtype, args.tokenizer, args.max_shard_size)
+        print(f"export: {summary['architecture']} ({summary['parameters'] / 1e6:.2f}M parameters, {summary['dtype']}) "
+              f"from step {summary['step']} -> {summary['out']}: {', '.join(summary['files'])}")
+        print(json.dumps(summary))
+    finally:
+        lock.release()
     return 0

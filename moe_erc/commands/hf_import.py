@@ -48,7 +48,7 @@ import torch
 
 from moe_erc.errors import ConfigError, UserError
 from moe_erc.model.hf_mapping import hf_to_megatron
-from moe_erc.outputs import check_output_dir, staged_directory
+from moe_erc.outputs import check_output_dir, output_lock, staged_directory
 
 SUPPORTED = ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss")
 # Sigmoid routing with expert bias, dense first layers, ungated shared experts, routed scaling.
@@ -428,10 +428,14 @@ def main(argv: list[str]) -> int:
     elif args.num_experts or args.topk or args.expert_width:
         raise UserError("--num-experts / --topk / --expert-width apply to --upcycle only")
     check_output_dir(args.out, must_be_empty=True, force=args.force)
-    if args.config_out and Path(args.config_out).exists() and not args.force:
-        raise UserError(f"--config-out {args.config_out} exists; choose another path or pass --force")
-    summary = import_checkpoint(args.hf_dir, args.out, args.config_out, upcycle=upcycle)
-    print(f"import: {summary['architecture']} ({summary['layers']} layers, {summary['experts']} experts, vocab "
-          f"{summary['vocab_size']}) -> {summary['checkpoint']}; config {summary['config']}")
-    print(json.dumps(summary))
+    lock = output_lock(args.out, "import")  # another import writing the same --out is refused in one line
+    try:
+        if args.config_out and Path(args.config_out).exists() and not args.force:
+            raise UserError(f"--config-out {args.config_out} exists; choose another path or pass --force")
+        summary = import_checkpoint(args.hf_dir, args.out, args.config_out, upcycle=upcycle)
+        print(f"import: {summary['architecture']} ({summary['layers']} layers, {summary['experts']} experts, vocab "
+              f"{summary['vocab_size']}) -> {summary['checkpoint']}; config {summary['config']}")
+        print(json.dumps(summary))
+    finally:
+        lock.release()
     return 0

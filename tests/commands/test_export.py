@@ -182,3 +182,30 @@ def test_an_export_replaces_a_directory_only_when_complete(topk_run, tmp_path, m
     monkeypatch.undo()
     forced = export(topk_run / "checkpoints", out, "--force")
     assert forced.returncode == 0 and (out / "config.json").is_file()
+
+
+def test_an_export_onto_a_directory_another_export_is_writing_is_refused(topk_run, tmp_path):
+    """The lock beside --out (held here by this test's live pid) stops a second writer in one line; once the holder
+    is gone (a pid that has exited) the export takes it over, writes, and leaves no lock."""
+    import json
+    import os
+    import socket
+
+    out = tmp_path / "hf"
+    lock = tmp_path / ".hf.lock"
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": "then", "job": None}))
+    proc = export(topk_run / "checkpoints", out)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"--out {out} is being written by another process (host {socket.gethostname()}, pid {os.getpid()}" in line
+    assert not out.exists()
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": _exited_pid(), "since": "then"}))
+    proc = export(topk_run / "checkpoints", out)
+    assert proc.returncode == 0 and "taking over the lock" in proc.stdout and (out / "config.json").is_file()
+    assert not lock.exists()
+
+
+def _exited_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
