@@ -313,6 +313,9 @@ class CheckpointConfig(_Group):
     keep_last: int = 2
     load: Optional[str] = None  # initialise weights from this checkpoint dir (no optimizer, step 0)
     save_optimizer: bool = True
+    # A save that fails for want of space (the previous checkpoint stays intact and latest): stop the run (exit 2),
+    # or continue training without that checkpoint, saying so at every save interval (the final save still stops).
+    on_save_error: Literal["stop", "continue"] = "stop"
 
 
 class Config(_Group):

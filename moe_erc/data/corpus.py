@@ -54,6 +54,7 @@ def prepare_embedded_corpus(out_dir: str | os.PathLike, vocab_size: int = 8192, 
             tokenizer="train",
             vocab_size=vocab_size,
             workers=workers,
+            force=True,  # our own cache, found stale or incomplete above
         )
     assert written == [prefix], written
     return prefix

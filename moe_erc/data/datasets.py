@@ -32,6 +32,43 @@ _SPLIT_NAMES = ("train", "valid", "test")
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 
 
+def largest_token_id(prefix: str, say=print) -> int:
+    """The largest token id in the dataset at ``prefix``: from its ``.stats.json`` sidecar (written by preprocess),
+    else read from the ``.bin`` in chunks (flat memory; a note first when the file is over 1 GiB)."""
+    import json
+
+    import numpy
+
+    stats = f"{prefix}.stats.json"
+    if os.path.isfile(stats):
+        try:
+            return int(json.loads(open(stats).read())["max_token_id"])
+        except (ValueError, KeyError, TypeError):
+            pass  # a damaged sidecar: read the data instead
+    ensure_importable()
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    dtype = IndexedDataset(prefix, mmap=False).index.dtype
+    size = os.path.getsize(f"{prefix}.bin")
+    if size > 1 << 30:
+        say(f"checking the token ids of {prefix}.bin ({size / 2**30:.1f} GiB: it has no .stats.json, which "
+            f"moe-erc preprocess writes) against the model's vocabulary")
+    data = numpy.memmap(f"{prefix}.bin", dtype=dtype, mode="r")
+    chunk = 1 << 26
+    return max(int(data[i:i + chunk].max()) for i in range(0, len(data), chunk)) if len(data) else -1
+
+
+def check_token_ids(prefixes: list[str], vocabulary: int, say=print) -> None:
+    """:class:`DataError` when a dataset holds a token id the embedding has no row for (a corpus tokenized with
+    another, larger tokenizer): on a GPU a device-side assert hours in, on a CPU an IndexError."""
+    for prefix in prefixes:
+        largest = largest_token_id(prefix, say)
+        if largest >= vocabulary:
+            raise DataError(f"dataset {prefix} holds token id {largest} but the model's vocabulary has {vocabulary} "
+                            f"ids (0..{vocabulary - 1}): it was tokenized with another tokenizer; set tokenizer.path "
+                            f"(or model.vocab_size) to the one it was made with, or re-run preprocess")
+
+
 def check_indexed_dataset(prefix: str) -> None:
     """Raise :class:`DataError` unless ``{prefix}.idx`` parses, lists at least one document, and
     ``{prefix}.bin`` has exactly the size the index implies (so it is neither truncated nor padded)."""

@@ -13,7 +13,10 @@ flat on large corpora; plain text needs no ``datasets``):
 
 For every key ``k`` one dataset ``{output_prefix}_{k}_document`` is written (Megatron-LM's
 ``preprocess_data.py`` naming): each non-blank document is tokenized, followed by one end-of-document
-token, stored as one sequence. The tokenizer is saved beside it as ``.tokenizer.json``.
+token, stored as one sequence. The tokenizer is saved beside it as ``.tokenizer.json``, the counts and the largest
+token id as ``.stats.json`` (the trainer checks that id against the model's vocabulary before the first step). A
+prefix that already holds a dataset is refused without ``--force``; a run that fails or is killed half-way leaves
+no dataset at the prefix (temporary files, renamed into place at the end, ``.idx`` last).
 
 Command line: ``python -m moe_erc.data.preprocess --input DIR --output-prefix data/corpus``.
 """
@@ -22,11 +25,14 @@ from __future__ import annotations
 
 import argparse
 import collections
+import errno
 import glob
+import json
 import logging
 import multiprocessing
 import os
 import re
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -79,6 +85,7 @@ def preprocess(
     vocab_size: int = 8192,
     workers: int = 1,
     append_eod: bool = True,
+    force: bool = False,
 ) -> list[str]:
     """Tokenize ``inputs`` into one indexed dataset per json key; return the dataset prefixes.
 
@@ -86,7 +93,8 @@ def preprocess(
     spec for :func:`moe_erc.data.tokenizer.load_tokenizer`. ``workers`` > 1 tokenizes in that
     many processes.
     """
-    return run_preprocess(inputs, output_prefix, json_keys, tokenizer, vocab_size, workers, append_eod).prefixes
+    return run_preprocess(inputs, output_prefix, json_keys, tokenizer, vocab_size, workers, append_eod,
+                          force).prefixes
 
 
 def run_preprocess(
@@ -97,14 +105,19 @@ def run_preprocess(
     vocab_size: int = 8192,
     workers: int = 1,
     append_eod: bool = True,
+    force: bool = False,
 ) -> PreprocessReport:
-    """:func:`preprocess`, returning the counts as well."""
+    """:func:`preprocess`, returning the counts as well. A prefix that already holds a dataset is refused unless
+    ``force`` (the dataset may be weeks of tokenization)."""
     started = time.perf_counter()
     json_keys = list(dict.fromkeys(json_keys))  # de-duplicate, keep order
     if not json_keys:
         raise DataError("no json keys given; pass --json-keys text (or the keys holding the text)")
     if workers < 1:
         raise DataError(f"workers={workers}: use 1 or more worker processes")
+    prefixes = {key: f"{output_prefix}_{key}_document" for key in json_keys}
+    if not force:
+        _refuse_existing(prefixes.values(), output_prefix)
     sources = resolve_inputs(inputs)
     _check_keys_fit_sources(sources, json_keys)
 
@@ -114,7 +127,6 @@ def run_preprocess(
     else:
         tok = load_tokenizer(tokenizer)
 
-    prefixes = {key: f"{output_prefix}_{key}_document" for key in json_keys}
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     writers = {key: _DatasetWriter(prefixes[key], tok) for key in json_keys}
     try:
@@ -140,6 +152,20 @@ def run_preprocess(
         tokenizer=tok,
         seconds=time.perf_counter() - started,
     )
+
+
+def stats_path_for(prefix: str) -> Path:
+    """The dataset's sidecar of counts: ``{prefix}.stats.json`` (``max_token_id``, documents, tokens, vocabulary)."""
+    return Path(f"{prefix}.stats.json")
+
+
+def _refuse_existing(prefixes: Iterable[str], output_prefix: str) -> None:
+    for prefix in prefixes:
+        taken = [p for p in (f"{prefix}.bin", f"{prefix}.idx", str(tokenizer_path_for(prefix)))
+                 if os.path.exists(p)]
+        if taken:
+            raise DataError(f"--output-prefix {output_prefix}: {', '.join(Path(p).name for p in taken)} already hold "
+                            f"a dataset; give another prefix, or add --force to replace it")
 
 
 def resolve_inputs(inputs: Sequence[str] | str) -> list[Source]:
@@ -191,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=1, help="tokenizer processes (default: 1)")
     parser.add_argument("--no-append-eod", dest="append_eod", action="store_false",
                         help="do not end each document with the end-of-document token")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a dataset that already exists at the output prefix")
     return parser
 
 
@@ -200,10 +228,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         check_output_dir(Path(args.output_prefix).parent, option=f"--output-prefix {args.output_prefix}:")
         report = run_preprocess(
-            args.input, args.output_prefix, args.json_keys, args.tokenizer, args.vocab_size, args.workers, args.append_eod
-        )
+            args.input, args.output_prefix, args.json_keys, args.tokenizer, args.vocab_size, args.workers,
+            args.append_eod, args.force)
     except UserError as error:
         print(f"preprocess: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk or quota: the temporary files are gone, nothing is at the prefix
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        folder = Path(args.output_prefix).parent
+        free = shutil.disk_usage(folder).free / 2**30 if folder.exists() else 0.0
+        print(f"preprocess: error: {error.strerror.lower()} writing {error.filename or args.output_prefix} "
+              f"({free:.2f} GiB free on {folder}); the partial dataset was removed and nothing was written at "
+              f"{args.output_prefix}: free space or choose another --output-prefix", file=sys.stderr)
         return 2
     print(summarize(report))
     return 0
@@ -386,14 +423,16 @@ class _DatasetWriter:
         self.prefix = prefix
         self.tokenizer = tokenizer
         suffix = f".tmp-{os.getpid()}"
-        self.tmp_bin, self.tmp_idx, self.tmp_tok = (
+        self.tmp_bin, self.tmp_idx, self.tmp_tok, self.tmp_stats = (
             f"{prefix}.bin{suffix}",
             f"{prefix}.idx{suffix}",
             f"{tokenizer_path_for(prefix)}{suffix}",
+            f"{stats_path_for(prefix)}{suffix}",
         )
         # uint16 when every id fits (vocab < 65500), else int32: megatron's own choice.
         self.builder = IndexedDatasetBuilder(self.tmp_bin, dtype=DType.optimal_dtype(tokenizer.vocab_size))
         self.documents = self.tokens = self.skipped_blank = 0
+        self.max_token_id = -1
 
     def add(self, ids: numpy.ndarray, append_eod: bool) -> None:
         """Append one document of token ids (blank documents, with no ids, are skipped)."""
@@ -403,25 +442,31 @@ class _DatasetWriter:
         if append_eod:
             ids = numpy.append(ids, self.tokenizer.eod)
         self.builder.add_document(ids, [ids.size])
+        self.max_token_id = max(self.max_token_id, int(ids.max()))
         self.documents += 1
         self.tokens += int(ids.size)
 
     def commit(self) -> None:
         self.builder.finalize(self.tmp_idx)
         self.tokenizer.save(self.tmp_tok)
+        Path(self.tmp_stats).write_text(json.dumps({
+            "max_token_id": self.max_token_id, "documents": self.documents, "tokens": self.tokens,
+            "vocab_size": self.tokenizer.vocab_size, "tokenizer_fingerprint": self.tokenizer.fingerprint}))
         idx, bin_, tok = f"{self.prefix}.idx", f"{self.prefix}.bin", str(tokenizer_path_for(self.prefix))
-        for stale in (idx, tok):
+        stats = str(stats_path_for(self.prefix))
+        for stale in (idx, tok, stats):
             if os.path.exists(stale):
                 os.remove(stale)
         os.replace(self.tmp_bin, bin_)
         os.replace(self.tmp_tok, tok)
+        os.replace(self.tmp_stats, stats)
         os.replace(self.tmp_idx, idx)
 
     def discard(self) -> None:
         """Close and delete whatever temporary files are left (all of them unless committed)."""
         if not self.builder.data_file.closed:
             self.builder.data_file.close()
-        for path in (self.tmp_bin, self.tmp_idx, self.tmp_tok):
+        for path in (self.tmp_bin, self.tmp_idx, self.tmp_tok, self.tmp_stats):
             if os.path.exists(path):
                 os.remove(path)
 

@@ -21,6 +21,7 @@ broadcast, so ranks on a shared filesystem that lags cannot pick different steps
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import random
@@ -34,7 +35,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from moe_erc.compat import import_megatron, runtime_device
+from moe_erc.compat import comm_device, import_megatron, runtime_device
 from moe_erc.errors import CheckpointError, UserError
 from moe_erc.outputs import WriterLock
 from moe_erc.training.orphans import install_checkpoint_queue
@@ -112,7 +113,19 @@ def save(root: str | Path, step: int, model_chunks, optimizer, scheduler, traine
         tmp.mkdir()
     dist.barrier()
     state = _sharded_state(model_chunks, optimizer, scheduler, trainer_state, with_optimizer, False)
-    dist_checkpointing.save(state, str(tmp))
+    no_space = None
+    try:
+        dist_checkpointing.save(state, str(tmp))
+        _disk_full_for_tests(step)
+    except Exception as exc:  # noqa: BLE001 (dist_checkpointing wraps the OSError in its own exception types)
+        no_space = _no_space(exc)
+        if no_space is None:
+            raise
+    if _any_rank(no_space is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        dist.barrier()
+        raise DiskFullError(_disk_full_message(root, step, no_space or "another rank's shard"))
     dist.barrier()
     if rank == 0:
         meta = {"step": step, "with_optimizer": with_optimizer, "world_size": dist.get_world_size(),
@@ -127,6 +140,56 @@ def save(root: str | Path, step: int, model_chunks, optimizer, scheduler, traine
         _prune(root, keep_last)
     dist.barrier()
     return final
+
+
+class DiskFullError(CheckpointError):
+    """A checkpoint could not be written for want of space; the partial save is gone, the previous one intact."""
+
+
+# Test hook (tests/training/test_faults.py): a save of this step fails as a full disk does, after its shards.
+DISK_FULL_TEST_ENV = "MOE_ERC_TEST_DISK_FULL_AT_STEP"
+
+
+def _disk_full_for_tests(step: int) -> None:
+    if os.environ.get(DISK_FULL_TEST_ENV) in (str(step), "all"):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "(test hook)")
+
+
+def _no_space(exc: BaseException) -> Optional[str]:
+    """The file a full disk or quota refused (as text) if that is what ``exc`` (or what it wraps) is, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+        if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
+            return str(exc).strip().splitlines()[0][:200]
+        exc = exc.__cause__ or exc.__context__ or (exc.args[0] if exc.args and isinstance(exc.args[0], BaseException)
+                                                   else None)
+    return None
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([int(flag)], device=comm_device())
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _disk_full_message(root: Path, step: int, what: str) -> str:
+    steps = [p for p in step_dirs(root) if is_complete(p)]
+    needed = _dir_bytes(steps[-1]) if steps else None
+    free = shutil.disk_usage(root).free if root.exists() else 0
+    previous = (f"the previous checkpoint {steps[-1].name} is intact and still latest" if steps
+                else "there is no earlier checkpoint")
+    need = f"about {needed / 2**30:.2f} GiB (the size of {steps[-1].name})" if needed else "more space"
+    return (f"no space left to save checkpoint {step_dir_name(step)} under {root} ({what}): it needs {need}, "
+            f"{free / 2**30:.2f} GiB are free; the partial save was removed and {previous}. Free space or set "
+            f"checkpoint.dir elsewhere, then run the same command to resume (checkpoint.on_save_error=continue "
+            f"trains on without saving)")
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def _pause_for_tests(root: Path, step: int) -> None:

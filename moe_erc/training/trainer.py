@@ -28,8 +28,8 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa
 from moe_erc.compat import comm_device, prepare_runtime
 from moe_erc.config import Config, data_parallel_size, layer_rows
 from moe_erc.data.corpus import resolve_data_path
-from moe_erc.data.datasets import (build_dataloader, build_gpt_datasets, check_indexed_dataset, move_batch,
-                                   parse_data_path)
+from moe_erc.data.datasets import (build_dataloader, build_gpt_datasets, check_indexed_dataset, check_token_ids,
+                                   move_batch, parse_data_path)
 from moe_erc.data.tokenizer import resolve_tokenizer
 from moe_erc.errors import DataError
 from moe_erc.outputs import WriterLock
@@ -140,7 +140,17 @@ class Trainer:
         if cfg.model.vocab_size is not None and self.tokenizer.vocab_size > cfg.model.vocab_size:
             raise DataError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but model.vocab_size="
                             f"{cfg.model.vocab_size}; raise model.vocab_size or remove it")
-        self.vocab_size = padded_vocab_size(max(self.tokenizer.vocab_size, cfg.model.vocab_size or 0), cfg)
+        vocabulary = max(self.tokenizer.vocab_size, cfg.model.vocab_size or 0)
+        self.vocab_size = padded_vocab_size(vocabulary, cfg)
+        refusal = [None]
+        if self.topo.rank == 0:  # before any allocation: ids the embedding has no row for
+            try:
+                check_token_ids(self.prefixes, vocabulary)
+            except DataError as exc:
+                refusal = [str(exc)]
+        dist.broadcast_object_list(refusal, src=0)
+        if refusal[0]:
+            raise DataError(refusal[0])
         model = build_model(cfg, self.tf_config, self.vocab_size)
         self.compiled_layers = compile_layers(model) if t.compile else 0
         self.num_params = self._global_param_count(model)
@@ -300,6 +310,16 @@ class Trainer:
                                keep_last=self.cfg.checkpoint.keep_last,
                                describe={"config": self.cfg.to_dict(), "padded_vocab_size": self.vocab_size})
 
+    def _interval_save(self) -> None:
+        """A save at a save interval; with ``checkpoint.on_save_error=continue`` a full disk skips it, loudly."""
+        try:
+            self.save()
+        except checkpoint.DiskFullError as exc:
+            if self.cfg.checkpoint.on_save_error == "stop":
+                raise
+            self._say(f"WARNING: checkpoint at step {self.step} NOT saved, training goes on "
+                      f"(checkpoint.on_save_error=continue): {exc}")
+
     # ------------------------------------------------------------------ the loop
 
     def train(self) -> dict:
@@ -341,7 +361,7 @@ class Trainer:
             if self.step % t.eval_interval == 0 and self.step < t.train_iters:
                 self._run_eval()
             if self.step % cfg.checkpoint.save_interval == 0 and self.step < stop_at:
-                self.save()
+                self._interval_save()
             _maybe_die_for_tests(self.topo.rank, self.step)
             if self._stop_requested:
                 final_dir = self.save()

@@ -111,7 +111,7 @@ def test_rerun_replaces_dataset(tmp_path):
     inputs = write_jsonl(tmp_path / "in.jsonl", RECORDS)
     prefix = preprocess([str(inputs)], str(tmp_path / "out"), vocab_size=300)[0]
     write_jsonl(tmp_path / "in.jsonl", RECORDS[:1])
-    assert preprocess([str(inputs)], str(tmp_path / "out"), vocab_size=300)[0] == prefix
+    assert preprocess([str(inputs)], str(tmp_path / "out"), vocab_size=300, force=True)[0] == prefix
     assert len(documents_of(prefix)) == 1
 
 
@@ -131,7 +131,7 @@ def test_interrupted_rerun_never_leaves_a_valid_looking_mix(tmp_path, monkeypatc
 
     monkeypatch.setattr(module.os, "replace", crash_before_index)
     with pytest.raises(KeyboardInterrupt):
-        preprocess([str(inputs)], str(tmp_path / "out"), vocab_size=300)
+        preprocess([str(inputs)], str(tmp_path / "out"), vocab_size=300, force=True)
     with pytest.raises(DataError, match="missing"):
         check_indexed_dataset(prefix)  # the old index went first: nothing valid-looking is left
     assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
@@ -212,3 +212,48 @@ def test_prepare_embedded_corpus_once(tmp_path, monkeypatch):
 
     corpus.prepare_embedded_corpus(tmp_path, vocab_size=600)  # another vocabulary: re-prepared
     assert load_tokenizer(tokenizer_path_for(prefix)).vocab_size == 600
+
+
+def test_preprocess_records_the_largest_id_and_refuses_to_replace_a_dataset_without_force(tmp_path, capsys):
+    """The sidecar's max_token_id is the largest id in the .bin; a second run onto the same prefix is refused in one
+    line and leaves the dataset as it was; --force replaces it."""
+    import numpy
+
+    from moe_erc.data.datasets import largest_token_id
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    prefix = preprocess([str(inputs)], str(tmp_path / "out"), vocab_size=300)[0]
+    stats = json.loads(open(f"{prefix}.stats.json").read())
+    data = numpy.fromfile(f"{prefix}.bin", dtype=IndexedDataset(prefix).index.dtype)
+    assert stats["max_token_id"] == int(data.max()) and stats["tokens"] == data.size
+    assert largest_token_id(prefix) == int(data.max())
+    before = {p: os.stat(p).st_mtime_ns for p in (f"{prefix}.bin", f"{prefix}.idx", f"{prefix}.stats.json")}
+    args = ["--input", str(inputs), "--output-prefix", str(tmp_path / "out"), "--vocab-size", "300"]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line == (f"preprocess: error: --output-prefix {tmp_path / 'out'}: out_text_document.bin, "
+                    f"out_text_document.idx, out_text_document.tokenizer.json already hold a dataset; give another "
+                    f"prefix, or add --force to replace it")
+    assert {p: os.stat(p).st_mtime_ns for p in before} == before
+    assert main([*args, "--force"]) == 0
+
+
+def test_a_full_disk_during_preprocess_is_one_line_and_leaves_nothing_at_the_prefix(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from moe_erc.data import preprocess as module
+
+    inputs = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    real_add = module._DatasetWriter.add
+
+    def add(self, ids, append_eod):
+        if self.documents == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", self.tmp_bin)
+        real_add(self, ids, append_eod)
+
+    monkeypatch.setattr(module._DatasetWriter, "add", add)
+    assert main(["--input", str(inputs), "--output-prefix", str(tmp_path / "out"), "--vocab-size", "300"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("preprocess: error: no space left on device writing ") and "GiB free on" in line
+    assert "nothing was written at" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]

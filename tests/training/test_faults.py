@@ -130,3 +130,60 @@ def test_wandb_resumes_the_run_directorys_own_run_and_rewinds_it_after_a_crash(t
     monkeypatch.setenv("WANDB_MODE", "online")
     _wandb_run(cfg, tmp_path, 2)
     assert calls[-1]["resume_from"] == "abc123?_step=3" and "id" not in calls[-1]
+
+
+def test_a_full_disk_during_a_save_stops_in_one_line_or_goes_on_and_the_previous_checkpoint_stays_latest(
+        tiny_corpus, tmp_path):
+    """The save of step 4 fails as a full disk does (after its shards are written): one line naming the directory
+    and the space needed, the partial save removed, step 2 intact, loadable and latest; a resume continues from it.
+    With checkpoint.on_save_error=continue the run goes on, says so at each failed save, and saves when it can."""
+    from moe_erc.training.checkpoint import DISK_FULL_TEST_ENV, verify
+
+    run = tmp_path / "run"
+    args = ("training.train_iters=6", "checkpoint.save_interval=2", "checkpoint.keep_last=3")
+    proc = train(run, tiny_corpus, *args, env={DISK_FULL_TEST_ENV: "4"}, expect_success=False, debug=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"no space left to save checkpoint step_0000004 under {run / 'checkpoints'}" in line, line
+    assert "(the size of step_0000002)" in line and "step_0000002 is intact and still latest" in line
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000002"]
+    assert (ckpts / "latest").read_text().strip() == "step_0000002" and verify(ckpts / "step_0000002") is None
+    resumed = train(run, tiny_corpus, *args)
+    assert "resum" in resumed.stdout and [r["step"] for r in records(run) if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    going = tmp_path / "going"
+    proc = train(going, tiny_corpus, *args, "checkpoint.on_save_error=continue", env={DISK_FULL_TEST_ENV: "4"})
+    assert "WARNING: checkpoint at step 4 NOT saved, training goes on" in proc.stdout
+    assert sorted(p.name for p in (going / "checkpoints").iterdir()) == ["latest", "step_0000002", "step_0000006"]
+
+
+def test_data_with_token_ids_beyond_the_vocabulary_is_refused_before_the_first_step(tiny_corpus, tmp_path):
+    """A dataset made with a larger tokenizer (ids up to 700, no tokenizer beside it) trained with the 512-id
+    tokenizer: one line naming the dataset, its largest id and the vocabulary, before any step or checkpoint.
+    Without a .stats.json sidecar the ids are read from the .bin; with one, the sidecar's figure is used."""
+    import numpy
+
+    from moe_erc.compat import ensure_importable
+    from moe_erc.data.datasets import largest_token_id
+
+    ensure_importable()
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+
+    prefix = str(tmp_path / "wide_text_document")
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=DType.optimal_dtype(1000))
+    rng = numpy.random.default_rng(0)
+    for _ in range(40):
+        ids = rng.integers(0, 500, 80)
+        ids[rng.integers(0, 80)] = 700 if _ == 17 else ids[0]
+        builder.add_document(ids, [ids.size])
+    builder.finalize(f"{prefix}.idx")
+    assert largest_token_id(prefix) == 700
+    run = tmp_path / "run"
+    proc = train(run, prefix, "training.train_iters=1", f"tokenizer.path={tiny_corpus}.tokenizer.json",
+                 expect_success=False, debug=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert f"dataset {prefix} holds token id 700 but the model's vocabulary has 512 ids" in line, line
+    assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
+    (tmp_path / "wide_text_document.stats.json").write_text(json.dumps({"max_token_id": 123}))
+    assert largest_token_id(prefix) == 123  # the sidecar is read, not the data
