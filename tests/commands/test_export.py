@@ -209,3 +209,20 @@ def _exited_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+def test_a_full_disk_during_an_export_is_one_line_and_leaves_no_output(topk_run, tmp_path, monkeypatch, capsys):
+    import errno
+
+    from moe_erc import cli
+    from moe_erc.commands import export as export_module
+
+    def full(_tok, out):
+        raise OSError(errno.ENOSPC, "No space left on device", str(out / "tokenizer.json"))
+
+    monkeypatch.setattr(export_module, "save_tokenizer", full)  # after the weights are written
+    assert cli.main(["export", str(topk_run / "checkpoints"), "--out", str(tmp_path / "hf")]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]  # (transformers' shard progress bar before it)
+    assert line.startswith("moe-erc: error: no space left on device writing ") and "GiB free on" in line, line
+    assert "earlier outputs are as they were" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no staging, no lock, no --out
