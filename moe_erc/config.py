@@ -191,6 +191,9 @@ class TrainingConfig(_Group):
     eval_iters: int = 10
     resume: str = "auto"  # auto | none | <checkpoint dir>
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    # Refuse before allocating a run whose estimated memory per rank (moe-erc plan's) exceeds what the process can
+    # have (free GPU memory; available RAM on CPU): false skips the check.
+    memory_check: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # Optional fused kernels (masked softmax, RoPE, bias-activation, ...) are used where what they need
     # imports (moe_erc/model/layers/kernels.py; the banner lists them); false = the unfused PyTorch paths everywhere.

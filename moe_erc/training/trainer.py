@@ -42,6 +42,7 @@ from moe_erc.model.layers.spec import attention_backend
 from moe_erc.training import checkpoint, metrics, parallel
 from moe_erc.training.finite import NonFinitePolicy, all_finite, gradient_buffers, tensor_finite
 from moe_erc.training.instruments import RoutingMonitor, layer_summaries
+from moe_erc.training.memory_check import check_fits
 from moe_erc.training.optimizer import build_optimizer, build_scheduler, wrap_ddp
 from moe_erc.training.optimizer import describe as describe_optimizer
 
@@ -151,6 +152,7 @@ class Trainer:
         dist.broadcast_object_list(refusal, src=0)
         if refusal[0]:
             raise DataError(refusal[0])
+        check_fits(cfg, self.tf_config, self.vocab_size, self.topo.world_size, self.precision, self.device)
         model = build_model(cfg, self.tf_config, self.vocab_size)
         self.compiled_layers = compile_layers(model) if t.compile else 0
         self.num_params = self._global_param_count(model)

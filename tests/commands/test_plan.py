@@ -222,7 +222,7 @@ def test_the_released_architectures_plan_to_their_published_sizes(config, publis
 def test_the_activation_estimate_counts_mla_latents_grouped_kv_shared_experts_and_mtp():
     """Korthikanti's per-layer bytes written out by hand for the shapes: full multi-head attention is 11 s b h, grouped
     K/V keep less, MLA keeps its latents and per-head Q/K/V, a shared expert its MLP, an MTP layer one more layer."""
-    from moe_erc.commands.plan import activation_bytes
+    from moe_erc.model.memory import activation_bytes
     from moe_erc.config import load_config
 
     base = ["model.num_layers=2", "model.hidden_size=64", "model.num_attention_heads=4", "model.seq_length=32",

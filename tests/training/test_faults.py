@@ -187,3 +187,27 @@ def test_data_with_token_ids_beyond_the_vocabulary_is_refused_before_the_first_s
     assert not (run / "metrics.jsonl").exists() and not (run / "checkpoints").exists()
     (tmp_path / "wide_text_document.stats.json").write_text(json.dumps({"max_token_id": 123}))
     assert largest_token_id(prefix) == 123  # the sidecar is read, not the data
+
+
+def test_a_model_too_big_for_the_machine_is_refused_before_allocating(tiny_corpus, tmp_path):
+    """A 48-layer d=8192 MoE (hundreds of GiB with its optimizer) on this CPU is refused in one line with both
+    figures, in seconds (nothing allocated, the meta-device count); the override lets a run through that the check
+    would refuse (here a tiny model with the available memory set to 1 MiB by the test hook)."""
+    from moe_erc.training.memory_check import AVAILABLE_TEST_ENV
+
+    run = tmp_path / "run"
+    start = time.perf_counter()
+    proc = train(run, tiny_corpus, "model.num_layers=48", "model.hidden_size=8192", "model.num_attention_heads=64",
+                 "model.ffn_hidden_size=28672", "moe.moe_ffn_hidden_size=8192", "moe.num_experts=16",
+                 expect_success=False, debug=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("moe-erc: error: the model does not fit: this rank needs about ") and "but can have" in line
+    need = float(line.split("needs about ")[1].split(" GiB")[0])
+    assert need > 500 and time.perf_counter() - start < 60
+    assert not (run / "metrics.jsonl").exists()
+    refused = train(tmp_path / "small", tiny_corpus, "training.train_iters=1", env={AVAILABLE_TEST_ENV: str(2**20)},
+                    expect_success=False, debug=False)
+    assert refused.returncode == 2 and "can have 0.00 GiB (test hook)" in refused.stderr
+    train(tmp_path / "small", tiny_corpus, "training.train_iters=1", "training.memory_check=false",
+          env={AVAILABLE_TEST_ENV: str(2**20)})

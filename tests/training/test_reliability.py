@@ -217,8 +217,9 @@ def test_rotation_keeps_the_newest_loadable_checkpoint(tmp_path):
 
 def test_a_crashed_rank_restarts_and_the_run_finishes_with_the_same_losses(tiny_corpus, tmp_path):
     """EP=2 with ERC under torchrun --max-restarts 1: rank 1 is SIGKILLed after step 3 (checkpoint at step 2).
-    The agent restarts both workers; they meet in a fresh store prefix, resume from step 2 and finish. Every
-    logged step (3 twice) has the loss of an uninterrupted run."""
+    The agent restarts both workers; they meet in a fresh store prefix, resume from step 2 (the lock of the run
+    directory lets the same job back in) and finish. Every step is logged once (the crashed attempt's step 3 moved
+    to metrics.superseded.jsonl) with the loss of an uninterrupted run."""
     from moe_erc.training.trainer import KILL_TEST_ENV
 
     common = ["training.train_iters=5", "checkpoint.save_interval=2", "erc.enabled=true", "erc.alpha=0.5",
@@ -233,6 +234,8 @@ def test_a_crashed_rank_restarts_and_the_run_finishes_with_the_same_losses(tiny_
     assert "resumed from" in proc.stdout and "at step 2" in proc.stdout, proc.stdout[-2000:]
     expected = losses(straight)
     logged = [(r["step"], r["lm_loss"]) for r in records(crashed)]
-    assert [step for step, _ in logged] == [1, 2, 3, 3, 4, 5], logged
+    assert [step for step, _ in logged] == [1, 2, 3, 4, 5], logged
+    superseded = [json.loads(line) for line in (crashed / "metrics.superseded.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in superseded] == [3] and superseded[0]["lm_loss"] == pytest.approx(expected[3], rel=1e-6)
     for step, loss in logged:
         assert loss == pytest.approx(expected[step], rel=1e-6), (step, loss, expected)

@@ -20,6 +20,7 @@ PyTorch paths run, which are the reference implementation.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 from dataclasses import dataclass, fields
@@ -41,9 +42,24 @@ def _imports(module: str) -> bool:
     return True
 
 
+_LOCAL_ONLY = []  # inside local_spec_only()
+
+
 def have_transformer_engine() -> bool:
     """transformer-engine's PyTorch API imports and this run computes on a GPU (GPU images only)."""
-    return runtime_device() == "cuda" and torch.cuda.is_available() and _imports("transformer_engine.pytorch")
+    return (not _LOCAL_ONLY and runtime_device() == "cuda" and torch.cuda.is_available()
+            and _imports("transformer_engine.pytorch"))
+
+
+@contextlib.contextmanager
+def local_spec_only():
+    """Build with megatron's local modules even where transformer-engine imports: a meta-device copy of the
+    model for counting (TE's modules allocate on the GPU whatever the default device; the counts are equal)."""
+    _LOCAL_ONLY.append(True)
+    try:
+        yield
+    finally:
+        _LOCAL_ONLY.pop()
 
 
 def have_nvidia_apex() -> bool:
