@@ -65,7 +65,7 @@ def output_lock(out: str | Path, command: str) -> "WriterLock":
     """The writer lock of a command's ``--out`` directory, beside it (the directory itself is replaced whole)."""
     out = Path(out)
     return WriterLock(out.parent / f".{out.name}.lock", f"--out {out}",
-                      f"give another --out").acquire(say=lambda text: print(f"{command}: {text}"))
+                      "give another --out").acquire(say=lambda text: print(f"{command}: {text}"))
 
 class WriterLock:
     """One writer for a directory (a run directory, an export's ``--out``), on any shared filesystem.

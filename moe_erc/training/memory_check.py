@@ -91,7 +91,7 @@ def estimate(cfg: Config, tf_config, vocab_size: int, world_size: int, precision
     dense = sum(p.numel() for p in probe.parameters() if getattr(p, "allreduce", True))
     experts = sum(p.numel() for p in probe.parameters()) - dense
     del probe
-    p, t = cfg.parallel, cfg.training
+    p = cfg.parallel
     dp = data_parallel_size(cfg, world_size)
     edp = world_size // (p.pipeline_model_parallel_size * p.expert_model_parallel_size
                          * (p.expert_tensor_parallel_size or p.tensor_model_parallel_size))

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch import REPO, cli, train
+from launch import cli, train
 
 pytest.importorskip("transformers")  # installed by scripts/setup_env.sh; the check names it if missing
 

@@ -74,7 +74,7 @@ def test_the_lock_across_hosts_and_restarts(tmp_path, monkeypatch):
     lock.acquire(say=notes.append)
     assert len(notes) == 1 and json.loads(path.read_text())["job"] == "job-abc"
     monkeypatch.setattr(WriterLock, "HEARTBEAT_S", 0.05)
-    beating = WriterLock(tmp_path / "other.lock", "d", "f").acquire()
+    WriterLock(tmp_path / "other.lock", "d", "f").acquire()
     os.utime(tmp_path / "other.lock", (old, old))
     time.sleep(0.3)
     assert time.time() - (tmp_path / "other.lock").stat().st_mtime < 5
