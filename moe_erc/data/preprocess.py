@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import errno
 import glob
 import json
@@ -407,6 +408,25 @@ def _encode_in_worker(texts: list[str]) -> list[numpy.ndarray]:
 # --- writing -------------------------------------------------------------------------------------
 
 
+def _remove_leftovers(prefix: str) -> None:
+    """Temporary files of an earlier run on ``prefix`` that was killed (its pid no longer runs)."""
+    for path in glob.glob(f"{glob.escape(prefix)}.*.tmp-*"):
+        pid = path.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _running(int(pid)):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class _DatasetWriter:
     """Writes one indexed dataset to temporary files and renames them into place on commit.
 
@@ -422,6 +442,7 @@ class _DatasetWriter:
 
         self.prefix = prefix
         self.tokenizer = tokenizer
+        _remove_leftovers(prefix)
         suffix = f".tmp-{os.getpid()}"
         self.tmp_bin, self.tmp_idx, self.tmp_tok, self.tmp_stats = (
             f"{prefix}.bin{suffix}",

@@ -257,3 +257,21 @@ def test_a_full_disk_during_preprocess_is_one_line_and_leaves_nothing_at_the_pre
     assert line.startswith("preprocess: error: no space left on device writing ") and "GiB free on" in line
     assert "nothing was written at" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+
+
+def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(tmp_path):
+    """A preprocess killed half-way (SIGKILL: no clean-up) leaves only temporary names, no dataset; the next run
+    onto the prefix removes them (their pid is gone) and leaves a live process's alone."""
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    prefix = tmp_path / "out_text_document"
+    stale = [tmp_path / f"out_text_document.bin.tmp-{dead.pid}", tmp_path / f"out_text_document.idx.tmp-{dead.pid}"]
+    live = tmp_path / "out_text_document.bin.tmp-1"  # pid 1 runs: another preprocess, still writing
+    for path in [*stale, live]:
+        path.write_bytes(b"partial")
+    inputs = write_jsonl(tmp_path / "in.jsonl", RECORDS)
+    preprocess([str(inputs)], str(tmp_path / "out"), vocab_size=300)
+    assert not any(p.exists() for p in stale) and live.exists() and os.path.isfile(f"{prefix}.idx")
