@@ -64,8 +64,11 @@ def staged_directory(final: str | Path) -> Iterator[Path]:
 def output_lock(out: str | Path, command: str) -> "WriterLock":
     """The writer lock of a command's ``--out`` directory, beside it (the directory itself is replaced whole)."""
     out = Path(out)
-    return WriterLock(out.parent / f".{out.name}.lock", f"--out {out}",
-                      "give another --out").acquire(say=lambda text: print(f"{command}: {text}"))
+    try:
+        return WriterLock(out.parent / f".{out.name}.lock", f"--out {out}",
+                          "give another --out").acquire(say=lambda text: print(f"{command}: {text}"))
+    except OSError as exc:
+        raise UserError(f"cannot write --out {out} ({exc.strerror}); give a writable --out") from None
 
 class WriterLock:
     """One writer for a directory (a run directory, an export's ``--out``), on any shared filesystem.

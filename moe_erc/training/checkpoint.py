@@ -384,6 +384,8 @@ def prepare_run_dir(cfg, run_dir: Path, ckpt_dir: Path, say=print) -> Optional[W
                                    "give a new logging.run_dir").acquire(say=say))
         except UserError as exc:
             return str(exc)
+        except OSError as exc:
+            return f"cannot write run directory {run_dir} ({exc.strerror}); set logging.run_dir to a writable path"
         return _used_run_dir(cfg, run_dir, ckpt_dir)
 
     refusal = on_rank0(decide)
