@@ -78,8 +78,8 @@ class WriterLock:
     thread touches it every :attr:`HEARTBEAT_S` seconds. Another writer is refused in one line naming the holder,
     unless the holder is gone: a pid no longer running on this host, or on another host no heartbeat for
     :attr:`STALE_AFTER_S` seconds; then the lock is taken over with a notice. A holder with this process's job id
-    (torchrun's ``TORCHELASTIC_RUN_ID``, SLURM's ``SLURM_JOB_ID``) is an earlier attempt of the same job (a torchrun
-    restart): it is taken over silently.
+    (torchrun's ``TORCHELASTIC_RUN_ID``, SLURM's ``SLURM_JOB_ID``) that is not a live process on this host is an
+    earlier attempt of the same job (a torchrun restart, perhaps on another node): it is taken over silently.
     """
 
     HEARTBEAT_S = 30.0
@@ -145,19 +145,24 @@ class WriterLock:
             return "alive" if age < self.STALE_AFTER_S else f"an unreadable lock {age:.0f} s old"
         if holder.get("host") == me["host"] and holder.get("pid") == me["pid"]:
             return "same job"
-        if holder.get("job") and holder.get("job") == me["job"]:
-            return "same job"
-        if holder.get("host") == me["host"]:
+        if holder.get("host") == me["host"]:  # a live process here holds it, whatever its job
             try:
                 os.kill(int(holder["pid"]), 0)
             except ProcessLookupError:
-                return f"no process {holder['pid']} runs on this host any more"
+                return "same job" if self._same_job(holder, me) else \
+                    f"no process {holder['pid']} runs on this host any more"
             except (PermissionError, KeyError, ValueError, TypeError):
                 pass
             return "alive"
+        if self._same_job(holder, me):  # an earlier attempt on another node (torchrun moved rank 0)
+            return "same job"
         if age > self.STALE_AFTER_S:
             return f"no heartbeat from {holder.get('host')} for {age:.0f} s"
         return "alive"
+
+    @staticmethod
+    def _same_job(holder: dict, me: dict) -> bool:
+        return bool(holder.get("job")) and holder.get("job") == me["job"]
 
     @staticmethod
     def _describe(holder: dict) -> str:

@@ -53,7 +53,8 @@ def test_a_second_writer_is_refused_naming_the_holder_and_a_dead_holders_lock_is
 
 def test_the_lock_across_hosts_and_restarts(tmp_path, monkeypatch):
     """Another host's lock holds while its heartbeat is fresh and is taken over once it is stale; an earlier
-    attempt of the same torchrun job (its run id) is taken over without a notice; the holder's heartbeat moves."""
+    attempt of the same torchrun job (its run id) on another node is taken over without a notice, a live process
+    of it on this host is not; the holder's heartbeat moves."""
     from moe_erc.errors import UserError
     from moe_erc.outputs import WriterLock
 
@@ -70,16 +71,21 @@ def test_the_lock_across_hosts_and_restarts(tmp_path, monkeypatch):
     lock.release()
     assert not path.exists()
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-abc")
-    _write_lock(tmp_path, pid=1, job="job-abc")  # pid 1 is alive: only the job id lets the restart in
+    _write_lock(tmp_path, host="node-3", pid=4242, job="job-abc")  # fresh heartbeat: only the job id lets it in
     lock.acquire(say=notes.append)
     assert len(notes) == 1 and json.loads(path.read_text())["job"] == "job-abc"
+    lock.release()
+    _write_lock(tmp_path, pid=1, job="job-abc")  # a live process here with our job id: a second writer all the same
+    with pytest.raises(UserError, match="pid 1,"):
+        lock.acquire(say=notes.append)
     monkeypatch.setattr(WriterLock, "HEARTBEAT_S", 0.05)
     WriterLock(tmp_path / "other.lock", "d", "f").acquire()
     os.utime(tmp_path / "other.lock", (old, old))
     time.sleep(0.3)
     assert time.time() - (tmp_path / "other.lock").stat().st_mtime < 5
     WriterLock.release_all()
-    assert not path.exists() and not (tmp_path / "other.lock").exists()
+    assert not (tmp_path / "other.lock").exists()
+    path.unlink()
 
 
 def test_after_a_crash_and_resume_each_step_is_logged_once_in_jsonl_and_tensorboard(tiny_corpus, tmp_path):
