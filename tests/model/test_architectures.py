@@ -136,6 +136,39 @@ def test_erc_acts_on_the_routed_experts_with_unbiased_router_rows_in_every_route
         assert layer_losses(1) == pytest.approx(first, rel=1e-6, abs=1e-9)
 
 
+def test_erc_takes_no_part_of_the_router_and_expert_biases():
+    """docs/erc.md (gpt-oss): with biases on every linear the ERC loss is still the router rows' against the gate
+    weights, and moving the router's bias and the experts' biases leaves it unchanged."""
+    from moe_erc.config import load_config
+    from moe_erc.model import erc, gpt
+    from moe_erc.model.layers import erc_layer
+    from moe_erc.training import parallel
+
+    cfg = load_config(None, SHAPES + ["model.add_bias_linear=true", "moe.moe_grouped_gemm=true", "erc.enabled=true",
+                                      "erc.noise=false", "erc.alpha=0.5"])
+    with parallel.one_process(cfg):
+        net = gpt.build_model(cfg, gpt.transformer_config(cfg), 128)
+        net.train()
+        tokens = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(1))
+
+        def layer_losses():
+            net(tokens, torch.arange(32).expand(2, 32), None, labels=tokens)
+            return [float(m.erc_stats["erc_loss"]) for m in net.modules() if isinstance(m, erc_layer.ERCRouter)]
+
+        first = layer_losses()
+        moes = [m for m in net.modules() if isinstance(getattr(m, "router", None), erc_layer.ERCRouter)]
+        for loss, moe in zip(first, moes):
+            expected = erc.erc_loss(moe.router.weight.detach(), erc_layer.gate_weights(moe.experts, True), alpha=0.5,
+                                    noise=False)
+            assert loss > 0 and loss == pytest.approx(float(expected.detach()), rel=1e-6)
+        with torch.no_grad():
+            for moe in moes:
+                moe.router.bias.add_(torch.linspace(-1, 1, moe.router.bias.numel()))
+                moe.experts.bias1.add_(0.5)
+                moe.experts.bias2.add_(0.5)
+        assert layer_losses() == pytest.approx(first, rel=1e-6)
+
+
 @pytest.fixture(scope="module")
 def deepseek_reference(tiny_corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("deepseek") / "run"
