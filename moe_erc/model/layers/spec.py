@@ -62,19 +62,15 @@ def decoder_block_spec(cfg: Config, tf_config):
 
 
 def _check_expert_biases(cfg: Config) -> None:
-    """Expert biases without transformer-engine: GroupedExperts has them at expert-TP 1; megatron-core 0.19.2's
-    SequentialMLP adds them in place on an autograd view and fails in backward."""
+    """Expert biases without transformer-engine: GroupedExperts has them; megatron-core 0.19.2's SequentialMLP adds
+    them in place on an autograd view and fails in backward. (Expert-TP > 1 with expert biases megatron's own
+    TransformerConfig refuses, in every spec: "Bias in Moe is only supported when ETP==1".)"""
     from moe_erc.errors import ConfigError
 
-    p = cfg.parallel
     if not cfg.moe.moe_grouped_gemm:
         raise ConfigError("model.add_bias_linear=true with MoE layers needs moe.moe_grouped_gemm=true without "
                           "transformer-engine (megatron-core 0.19.2's SequentialMLP fails in backward with expert "
                           "biases); or use model.add_qkv_bias for attention biases only")
-    if (p.expert_tensor_parallel_size or p.tensor_model_parallel_size) > 1:
-        raise ConfigError("model.add_bias_linear=true with MoE layers: expert biases need "
-                          "parallel.expert_tensor_parallel_size=1 without transformer-engine (the experts stay whole; "
-                          "attention keeps its tensor parallelism)")
 
 
 def attention_backend(cfg: Config) -> str:
