@@ -7,17 +7,15 @@ with code 2; ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
 import os
 import re
-import shutil
 import sys
 import warnings
-from pathlib import Path
 from typing import Optional
 
 from moe_erc.errors import UserError
+from moe_erc.outputs import NO_SPACE, no_space_message
 
 # Messages megatron-core and torch print on every CPU run that ask nothing of the user.
 _NOISE = (
@@ -157,7 +155,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"moe-erc: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 2)
     except OSError as exc:
-        if debug or exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if debug or exc.errno not in NO_SPACE:
             raise
         print(f"moe-erc: error: {no_space_message(exc)}", file=sys.stderr)
         return 2
@@ -165,17 +163,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("moe-erc: interrupted", file=sys.stderr)
         return 130
 
-
-def no_space_message(exc: OSError) -> str:
-    """One line for a full disk or quota: which file, how much is free there, and that outputs are staged."""
-    where = Path(exc.filename) if exc.filename else None
-    free = ""
-    for folder in ([where, *where.parents] if where else []):
-        if folder.exists():
-            free = f" ({shutil.disk_usage(folder).free / 2**30:.2f} GiB free on {folder})"
-            break
-    return (f"{exc.strerror.lower()} writing {where or 'the output'}{free}; the command wrote into a staging "
-            f"place that was removed, so earlier outputs are as they were: free space or write elsewhere")
 
 
 if __name__ == "__main__":

@@ -592,6 +592,13 @@ def data_parallel_size(cfg: Config, world_size: int) -> int:
     return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
 
 
+def expert_data_parallel_size(cfg: Config, world_size: int) -> int:
+    """Replicas of each expert: world / (PP x EP x expert-TP)."""
+    p = cfg.parallel
+    etp = p.expert_tensor_parallel_size or p.tensor_model_parallel_size
+    return world_size // (p.pipeline_model_parallel_size * p.expert_model_parallel_size * etp)
+
+
 def check_layout(cfg: Config, world_size: int, device: str = "cuda") -> None:
     """Raise :class:`ConfigError` if the parallel layout cannot run on ``world_size`` processes."""
     p, m, moe, t = cfg.parallel, cfg.model, cfg.moe, cfg.training

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -58,7 +59,35 @@ def staged_directory(final: str | Path) -> Iterator[Path]:
     shutil.rmtree(old, ignore_errors=True)
 
 
+# ------------------------------------------------------------------------------------------ full disks
+
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, an exhausted quota
+
+
+def no_space_message(exc: OSError) -> str:
+    """One line for a full disk or quota: which file, how much is free there, and that outputs are staged."""
+    where = Path(exc.filename) if exc.filename else None
+    free = ""
+    for folder in ([where, *where.parents] if where else []):
+        if folder.exists():
+            free = f" ({shutil.disk_usage(folder).free / 2**30:.2f} GiB free on {folder})"
+            break
+    return (f"{exc.strerror.lower()} writing {where or 'the output'}{free}; the command wrote into a staging "
+            f"place that was removed, so earlier outputs are as they were: free space or write elsewhere")
+
+
 # --------------------------------------------------------------------------------------------- one writer
+
+
+def process_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (one we may not signal counts as running)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def output_lock(out: str | Path, command: str) -> "WriterLock":
@@ -147,13 +176,13 @@ class WriterLock:
             return "same job"
         if holder.get("host") == me["host"]:  # a live process here holds it, whatever its job
             try:
-                os.kill(int(holder["pid"]), 0)
-            except ProcessLookupError:
-                return "same job" if self._same_job(holder, me) else \
-                    f"no process {holder['pid']} runs on this host any more"
-            except (PermissionError, KeyError, ValueError, TypeError):
-                pass
-            return "alive"
+                running = process_running(int(holder["pid"]))
+            except (KeyError, ValueError, TypeError):
+                running = True  # no pid to judge by
+            if running:
+                return "alive"
+            return "same job" if self._same_job(holder, me) else \
+                f"no process {holder['pid']} runs on this host any more"
         if self._same_job(holder, me):  # an earlier attempt on another node (torchrun moved rank 0)
             return "same job"
         if age > self.STALE_AFTER_S:

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 from pathlib import Path
 
@@ -176,19 +175,16 @@ def _gpt_oss_problems(cfg: Config) -> list[str]:
 
 def _gpt_oss_rope(cfg: Config) -> dict:
     """transformers' rope_parameters of this run: default, or yarn with megatron's attention factor written out."""
+    from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import _yarn_get_concentration_factor
+
     m = cfg.model
     rope = {"rope_type": "default", "rope_theta": float(m.rotary_base)}
     if m.rope_type != "yarn":
         return rope
-
-    def get_mscale(scale, mscale):
-        return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
-
     return {"rope_type": "yarn", "rope_theta": float(m.rotary_base), "factor": m.rotary_scaling_factor,
             "beta_fast": m.beta_fast, "beta_slow": m.beta_slow, "truncate": m.yarn_correction_range_round_to_int,
             "original_max_position_embeddings": m.original_max_position_embeddings or m.seq_length,
-            "attention_factor": get_mscale(m.rotary_scaling_factor, m.mscale)
-                                / get_mscale(m.rotary_scaling_factor, m.mscale_all_dim)}
+            "attention_factor": _yarn_get_concentration_factor(m.rotary_scaling_factor, m.mscale, m.mscale_all_dim)}
 
 
 def hf_config(cfg: Config, arch: str, vocab_size: int, eod: int, dtype: str):

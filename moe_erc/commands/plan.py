@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch
 
-from moe_erc.config import Config, check_layout, data_parallel_size, load_config
+from moe_erc.config import Config, check_layout, data_parallel_size, expert_data_parallel_size, load_config
 from moe_erc.errors import ConfigError
 from moe_erc.model.flops import METHODS, method_flops, method_label, method_variant, padded_vocab_size, step_flops
 from moe_erc.model.memory import BYTES, GiB, activation_bytes, state_bytes
@@ -136,7 +136,7 @@ def make_plan(cfg: Config, world_size: int) -> Plan:
     tp, pp, ep = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, p.expert_model_parallel_size
     etp = p.expert_tensor_parallel_size or tp
     dp = data_parallel_size(cfg, world_size)
-    edp = world_size // (pp * ep * etp)
+    edp = expert_data_parallel_size(cfg, world_size)
     # The busiest rank: a pipeline stage's share of the layers plus the larger of the embedding/output.
     dense = (counts.attention + counts.dense_mlp) / (tp * pp) + (counts.router + counts.other) / pp \
         + max(counts.embedding, counts.output) / tp

@@ -19,6 +19,7 @@ import hashlib
 import math
 import os
 import struct
+from pathlib import Path
 from numbers import Real
 from typing import Callable, Iterator, Sequence
 
@@ -32,6 +33,12 @@ _SPLIT_NAMES = ("train", "valid", "test")
 _INDEX_MAGIC = b"MMIDIDX\x00\x00"
 
 
+def stats_path_for(prefix: str) -> Path:
+    """The dataset's sidecar of counts written by preprocess: ``{prefix}.stats.json`` (``max_token_id``, documents,
+    tokens, vocabulary, tokenizer fingerprint)."""
+    return Path(f"{prefix}.stats.json")
+
+
 def largest_token_id(prefix: str, say=print) -> int:
     """The largest token id in the dataset at ``prefix``: from its ``.stats.json`` sidecar (written by preprocess),
     else read from the ``.bin`` in chunks (flat memory; a note first when the file is over 1 GiB)."""
@@ -39,10 +46,10 @@ def largest_token_id(prefix: str, say=print) -> int:
 
     import numpy
 
-    stats = f"{prefix}.stats.json"
-    if os.path.isfile(stats):
+    stats = stats_path_for(prefix)
+    if stats.is_file():
         try:
-            return int(json.loads(open(stats).read())["max_token_id"])
+            return int(json.loads(stats.read_text())["max_token_id"])
         except (ValueError, KeyError, TypeError):
             pass  # a damaged sidecar: read the data instead
     ensure_importable()

@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import errno
 import glob
 import json
 import logging
 import multiprocessing
 import os
 import re
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -44,7 +42,7 @@ import numpy
 
 from moe_erc.data.tokenizer import Tokenizer, load_tokenizer, tokenizer_path_for, train_bpe
 from moe_erc.errors import DataError, UserError
-from moe_erc.outputs import check_output_dir
+from moe_erc.outputs import NO_SPACE, check_output_dir, no_space_message, process_running
 
 logger = logging.getLogger(__name__)
 
@@ -155,11 +153,6 @@ def run_preprocess(
     )
 
 
-def stats_path_for(prefix: str) -> Path:
-    """The dataset's sidecar of counts: ``{prefix}.stats.json`` (``max_token_id``, documents, tokens, vocabulary)."""
-    return Path(f"{prefix}.stats.json")
-
-
 def _refuse_existing(prefixes: Iterable[str], output_prefix: str) -> None:
     for prefix in prefixes:
         taken = [p for p in (f"{prefix}.bin", f"{prefix}.idx", str(tokenizer_path_for(prefix)))
@@ -235,13 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"preprocess: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a full disk or quota: the temporary files are gone, nothing is at the prefix
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+        if error.errno not in NO_SPACE:
             raise
-        folder = Path(args.output_prefix).parent
-        free = shutil.disk_usage(folder).free / 2**30 if folder.exists() else 0.0
-        print(f"preprocess: error: {error.strerror.lower()} writing {error.filename or args.output_prefix} "
-              f"({free:.2f} GiB free on {folder}); the partial dataset was removed and nothing was written at "
-              f"{args.output_prefix}: free space or choose another --output-prefix", file=sys.stderr)
+        print(f"preprocess: error: {no_space_message(error)}", file=sys.stderr)
         return 2
     print(summarize(report))
     return 0
@@ -412,19 +401,9 @@ def _remove_leftovers(prefix: str) -> None:
     """Temporary files of an earlier run on ``prefix`` that was killed (its pid no longer runs)."""
     for path in glob.glob(f"{glob.escape(prefix)}.*.tmp-*"):
         pid = path.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not process_running(int(pid)):
             with contextlib.suppress(OSError):
                 os.remove(path)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class _DatasetWriter:
@@ -440,15 +419,18 @@ class _DatasetWriter:
         ensure_importable()
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
+        from moe_erc.data.datasets import stats_path_for
+
         self.prefix = prefix
         self.tokenizer = tokenizer
         _remove_leftovers(prefix)
+        self.stats = str(stats_path_for(prefix))
         suffix = f".tmp-{os.getpid()}"
         self.tmp_bin, self.tmp_idx, self.tmp_tok, self.tmp_stats = (
             f"{prefix}.bin{suffix}",
             f"{prefix}.idx{suffix}",
             f"{tokenizer_path_for(prefix)}{suffix}",
-            f"{stats_path_for(prefix)}{suffix}",
+            f"{self.stats}{suffix}",
         )
         # uint16 when every id fits (vocab < 65500), else int32: megatron's own choice.
         self.builder = IndexedDatasetBuilder(self.tmp_bin, dtype=DType.optimal_dtype(tokenizer.vocab_size))
@@ -474,13 +456,12 @@ class _DatasetWriter:
             "max_token_id": self.max_token_id, "documents": self.documents, "tokens": self.tokens,
             "vocab_size": self.tokenizer.vocab_size, "tokenizer_fingerprint": self.tokenizer.fingerprint}))
         idx, bin_, tok = f"{self.prefix}.idx", f"{self.prefix}.bin", str(tokenizer_path_for(self.prefix))
-        stats = str(stats_path_for(self.prefix))
-        for stale in (idx, tok, stats):
+        for stale in (idx, tok, self.stats):
             if os.path.exists(stale):
                 os.remove(stale)
         os.replace(self.tmp_bin, bin_)
         os.replace(self.tmp_tok, tok)
-        os.replace(self.tmp_stats, stats)
+        os.replace(self.tmp_stats, self.stats)
         os.replace(self.tmp_idx, idx)
 
     def discard(self) -> None:

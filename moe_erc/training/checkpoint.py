@@ -37,7 +37,7 @@ import torch.distributed as dist
 
 from moe_erc.compat import comm_device, import_megatron, runtime_device
 from moe_erc.errors import CheckpointError, UserError
-from moe_erc.outputs import WriterLock
+from moe_erc.outputs import NO_SPACE, WriterLock
 from moe_erc.training.orphans import install_checkpoint_queue
 
 import_megatron()
@@ -160,7 +160,7 @@ def _no_space(exc: BaseException) -> Optional[str]:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
             return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
         if "No space left on device" in str(exc) or "Disk quota exceeded" in str(exc):
             return str(exc).strip().splitlines()[0][:200]
@@ -355,17 +355,18 @@ def saved_layout(meta: dict) -> Optional[dict[str, int]]:
 
 
 def on_rank0(decide):
-    """``decide()`` on rank 0, its result (or its one-line error) broadcast to every rank."""
+    """``decide()`` on rank 0, its result (or its one-line error, of the same :class:`UserError` class) broadcast
+    to every rank."""
     answer = [None]
     if dist.get_rank() == 0:
         try:
             answer = [("ok", decide())]
-        except CheckpointError as exc:
-            answer = [("error", str(exc))]
+        except UserError as exc:
+            answer = [(type(exc), str(exc))]
     dist.broadcast_object_list(answer, src=0)
     kind, value = answer[0]
-    if kind == "error":
-        raise CheckpointError(value)
+    if kind != "ok":
+        raise kind(value)
     return value
 
 
@@ -390,9 +391,8 @@ def prepare_run_dir(cfg, run_dir: Path, ckpt_dir: Path, say=print) -> Optional[W
 
     refusal = on_rank0(decide)
     if refusal:
-        for held in lock:
-            if "is being written by another process" not in refusal:
-                held.release()
+        for held in lock:  # taken, then the directory refused for another reason
+            held.release()
         raise UserError(refusal)
     if dist.get_rank() == 0:
         try:

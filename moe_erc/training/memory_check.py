@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from moe_erc.config import Config, data_parallel_size
+from moe_erc.config import Config, data_parallel_size, expert_data_parallel_size
 from moe_erc.errors import ConfigError
 from moe_erc.model.memory import BYTES, GiB, activation_bytes, state_bytes
 
@@ -72,10 +72,8 @@ def _cgroup_room() -> Optional[int]:
 def estimate(cfg: Config, tf_config, vocab_size: int, world_size: int, precision: str) -> dict[str, float]:
     """Bytes this rank will need: its parameters counted on a meta-device copy of the model it will build."""
     from moe_erc.model.gpt import build_model
-
-    from moe_erc.training.checkpoint import _rng_states, _set_rng_states
-
     from moe_erc.model.layers.kernels import local_spec_only
+    from moe_erc.training.checkpoint import _rng_states, _set_rng_states
 
     probe_config = copy.copy(tf_config)
     # No initialisation, no explicit-device allocation (megatron's linears allocate on the current GPU unless
@@ -93,9 +91,7 @@ def estimate(cfg: Config, tf_config, vocab_size: int, world_size: int, precision
     del probe
     p = cfg.parallel
     dp = data_parallel_size(cfg, world_size)
-    edp = world_size // (p.pipeline_model_parallel_size * p.expert_model_parallel_size
-                         * (p.expert_tensor_parallel_size or p.tensor_model_parallel_size))
-    state = state_bytes(dense, experts, BYTES[precision], dp, edp)
+    state = state_bytes(dense, experts, BYTES[precision], dp, expert_data_parallel_size(cfg, world_size))
     optimizer = state["optimizer_distributed"] if p.use_distributed_optimizer else state["optimizer"]
     # activation_bytes is per pipeline stage already (the layers of one stage, micro-batches in flight)
     return {"weights": state["weights"], "gradients": state["gradients"], "optimizer": optimizer,

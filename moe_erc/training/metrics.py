@@ -124,14 +124,14 @@ def cut_after(path: Path, step: int) -> int:
     Atomic (a new file renamed over the old one); a torn last line is dropped. Returns how many rows moved."""
     if not path.is_file():
         return 0
-    kept, moved = [], []
-    for line in path.read_text().splitlines():
+    lines, kept, moved = path.read_text().splitlines(), [], []
+    for line in lines:
         try:
             record = json.loads(line)
         except ValueError:
             continue  # a row cut short by the crash
         (kept if int(record.get("step", 0)) <= step else moved).append(line)
-    if not moved and len(kept) == len(path.read_text().splitlines()):
+    if len(kept) == len(lines):
         return 0
     with open(path.with_name(SUPERSEDED), "a") as side:
         side.writelines(line + "\n" for line in moved)

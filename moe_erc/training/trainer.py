@@ -110,7 +110,6 @@ class Trainer:
         self.is_logger = self.topo.is_logging_rank
         self.run_dir = Path(cfg.logging.run_dir)
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
-        self.run_lock = None
         self.run_lock = checkpoint.prepare_run_dir(cfg, self.run_dir, self.ckpt_dir)
         self.precision = resolve_precision(cfg, self.device)
 
@@ -143,15 +142,7 @@ class Trainer:
                             f"{cfg.model.vocab_size}; raise model.vocab_size or remove it")
         vocabulary = max(self.tokenizer.vocab_size, cfg.model.vocab_size or 0)
         self.vocab_size = padded_vocab_size(vocabulary, cfg)
-        refusal = [None]
-        if self.topo.rank == 0:  # before any allocation: ids the embedding has no row for
-            try:
-                check_token_ids(self.prefixes, vocabulary)
-            except DataError as exc:
-                refusal = [str(exc)]
-        dist.broadcast_object_list(refusal, src=0)
-        if refusal[0]:
-            raise DataError(refusal[0])
+        checkpoint.on_rank0(lambda: check_token_ids(self.prefixes, vocabulary))  # ids the embedding has no row for
         check_fits(cfg, self.tf_config, self.vocab_size, self.topo.world_size, self.precision, self.device)
         model = build_model(cfg, self.tf_config, self.vocab_size)
         self.compiled_layers = compile_layers(model) if t.compile else 0
